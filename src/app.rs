@@ -1,0 +1,195 @@
+//! `App`: the assembled service. `build` connects the stores, starts the
+//! group committer and background jobs, and binds the listener (port 0
+//! works: tests read `local_addr`). `serve` runs until the shutdown future
+//! resolves, then drains in-flight calls for up to the grace period.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::{
+    config::{Config, redact_url},
+    grpc::{admin::AdminApi, credit::CreditApi},
+    pb::{admin_service_server::AdminServiceServer, credit_service_server::CreditServiceServer},
+    service::{
+        Committer, Engine, Limits, Tenants,
+        jobs::{self, JobTimings, Serving},
+    },
+    store::{
+        hot::{HotStore, HotTimings},
+        pg::PgStore,
+    },
+};
+
+/// Why the app could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot connect to postgres at {url}: {source}")]
+    Postgres { url: String, source: crate::store::pg::PgError },
+    #[error("cannot connect to redis at {url}: {source}")]
+    Redis { url: String, source: crate::store::hot::HotError },
+    #[error("cannot apply migrations: {0}")]
+    Migrate(crate::store::pg::PgError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("grpc server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+pub struct App {
+    config: Config,
+    listener: TcpListener,
+    engine: Engine,
+    status: watch::Receiver<Serving>,
+    stop_jobs: watch::Sender<bool>,
+    jobs: Vec<JoinHandle<()>>,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let pg = PgStore::connect(&config.postgres.url, config.postgres.max_connections, config.postgres.statement_timeout)
+            .await
+            .map_err(|source| StartError::Postgres { url: redact_url(&config.postgres.url), source })?;
+        if config.postgres.migrate_on_start {
+            pg.migrate().await.map_err(StartError::Migrate)?;
+        }
+        let hot = HotStore::connect(
+            &config.redis.url,
+            config.redis.key_prefix.clone(),
+            config.hot.max_depth,
+            HotTimings {
+                idempotency_ttl: config.hot.idempotency_ttl,
+                tombstone_ttl: config.hot.tombstone_ttl,
+                commit_deadline: config.hot.commit_deadline,
+            },
+            config.redis.timeout,
+        )
+        .await
+        .map_err(|source| StartError::Redis { url: redact_url(&config.redis.url), source })?;
+        let committer = Committer::start(pg.clone(), config.commit.max_batch, config.commit.writers);
+        let engine = Engine {
+            hot,
+            pg,
+            committer,
+            limits: Limits {
+                default_ttl: config.hot.default_ttl,
+                min_ttl: config.hot.min_ttl,
+                max_ttl: config.hot.max_ttl,
+                rebuild_settle: config.postgres.statement_timeout * 2,
+            },
+            tenants: Tenants::default(),
+            rebuild_wanted: Arc::new(tokio::sync::Notify::new()),
+        };
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.server.listen, source })?;
+        let (status_tx, status) = watch::channel(Serving::No);
+        let (stop_jobs, stop_rx) = watch::channel(false);
+        let timings = JobTimings {
+            reap: config.jobs.reap_interval,
+            ledger: config.jobs.ledger_interval,
+            health: config.jobs.health_interval,
+        };
+        let jobs = jobs::spawn(engine.clone(), timings, status_tx, stop_rx);
+        tracing::info!(
+            postgres = %redact_url(&config.postgres.url),
+            redis = %redact_url(&config.redis.url),
+            "stores connected"
+        );
+        Ok(App { config, listener, engine, status, stop_jobs, jobs })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Resolves once the health job has reported SERVING.
+    pub async fn ready(&self) {
+        let mut status = self.status.clone();
+        let _ = status.wait_for(|s| *s == Serving::Yes).await;
+    }
+
+    /// Serves until `shutdown` resolves, then drains for the grace period.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let App { config, listener, engine, status, stop_jobs, jobs } = self;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        tokio::spawn(report_health(reporter, status));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let credit = CreditApi { engine: engine.clone(), default_tenant: config.server.default_tenant.clone() };
+        let admin = AdminApi {
+            engine: engine.clone(),
+            default_tenant: config.server.default_tenant.clone(),
+            max_depth: config.hot.max_depth,
+        };
+
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(CreditServiceServer::new(credit))
+            .add_service(AdminServiceServer::new(admin))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = drain_rx.await;
+            });
+        let mut server = tokio::spawn(server);
+        tokio::select! {
+            result = &mut server => {
+                let _ = stop_jobs.send(true);
+                return result.unwrap_or(Ok(())).map_err(StartError::from);
+            }
+            _ = shutdown => {}
+        }
+        tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight calls");
+        let _ = drain_tx.send(());
+        match tokio::time::timeout(config.server.shutdown_grace, &mut server).await {
+            Ok(result) => result.unwrap_or(Ok(()))?,
+            Err(_) => {
+                tracing::warn!("grace period over: aborting the calls still in flight");
+                server.abort();
+            }
+        }
+        let _ = stop_jobs.send(true);
+        for job in jobs {
+            let _ = tokio::time::timeout(Duration::from_secs(2), job).await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn report_health(reporter: tonic_health::server::HealthReporter, mut status: watch::Receiver<Serving>) {
+    loop {
+        let serving = *status.borrow_and_update();
+        let state = match serving {
+            Serving::Yes => tonic_health::ServingStatus::Serving,
+            Serving::No => tonic_health::ServingStatus::NotServing,
+        };
+        for name in ["", "creditd.v1.CreditService", "creditd.v1.AdminService"] {
+            reporter.set_service_status(name, state).await;
+        }
+        tracing::info!(serving = ?serving, "health");
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}

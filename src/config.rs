@@ -1,0 +1,317 @@
+//! Configuration: embedded defaults (`src/default.toml`, documented there),
+//! an optional file, `CREDITD_*` environment, then CLI flags. Validated
+//! once, at startup, with messages that name the offending key.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+const DEFAULTS: &str = include_str!("default.toml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub hot: HotConfig,
+    pub commit: CommitConfig,
+    pub jobs: JobsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Drain time for in-flight calls on shutdown.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Tenant of calls without tenant metadata (development only).
+    pub default_tenant: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL (secret: logged redacted).
+    pub url: String,
+    pub max_connections: u32,
+    /// Bounds every statement, and so how long a commit can be in doubt.
+    #[serde(deserialize_with = "duration")]
+    pub statement_timeout: Duration,
+    /// Apply migrations when serving starts.
+    pub migrate_on_start: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Connection URL (secret: logged redacted).
+    pub url: String,
+    /// Namespace of every key.
+    pub key_prefix: String,
+    /// Per-call timeout: past it the hot path fails closed.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotConfig {
+    #[serde(deserialize_with = "duration")]
+    pub default_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub min_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub max_ttl: Duration,
+    /// How long Redis answers replays of an idempotency key.
+    #[serde(deserialize_with = "duration")]
+    pub idempotency_ttl: Duration,
+    /// How long a settled hold is remembered.
+    #[serde(deserialize_with = "duration")]
+    pub tombstone_ttl: Duration,
+    /// After this, an undurable commit is resolved by the reaper.
+    #[serde(deserialize_with = "duration")]
+    pub commit_deadline: Duration,
+    /// Deepest account tree.
+    pub max_depth: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitConfig {
+    /// Most events per group-commit transaction.
+    pub max_batch: usize,
+    /// Concurrent group-commit writers.
+    pub writers: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    #[serde(deserialize_with = "duration")]
+    pub reap_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub ledger_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub health_interval: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// "text" or "json".
+    pub format: String,
+    /// tracing filter directives.
+    pub filter: String,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Where values come from, beyond the embedded defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub file: Option<String>,
+    /// Environment variables (name, value); pass `std::env::vars()`.
+    pub env: Vec<(String, String)>,
+    /// Dotted keys set on the command line, e.g. ("server.listen", "…").
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Config {
+    /// The embedded defaults alone.
+    pub fn defaults() -> Config {
+        Config::load(&Sources::default()).expect("embedded defaults are valid")
+    }
+
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(DEFAULTS)
+            .map_err(|e| ConfigError::Parse { origin: "defaults".into(), message: e.to_string() })?;
+        if let Some(path) = &sources.file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let file: toml::Table =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse { origin: path.clone(), message: e.to_string() })?;
+            merge(&mut table, file);
+        }
+        for (name, value) in &sources.env {
+            let key = match name.as_str() {
+                "DATABASE_URL" => "postgres.url".to_string(),
+                "REDIS_URL" => "redis.url".to_string(),
+                other => match other.strip_prefix("CREDITD_") {
+                    Some(rest) if rest.contains("__") => rest.to_ascii_lowercase().replacen("__", ".", 1),
+                    _ => continue,
+                },
+            };
+            set(&mut table, &key, value, name)?;
+        }
+        for (key, value) in &sources.overrides {
+            set(&mut table, key, value, &format!("--{key}"))?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: "merged configuration".into(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_string() });
+        if self.hot.min_ttl.is_zero() || self.hot.min_ttl > self.hot.max_ttl {
+            return invalid("hot.min_ttl", "must be positive and at most hot.max_ttl");
+        }
+        if self.hot.default_ttl < self.hot.min_ttl || self.hot.default_ttl > self.hot.max_ttl {
+            return invalid("hot.default_ttl", "must lie within [hot.min_ttl, hot.max_ttl]");
+        }
+        if self.hot.commit_deadline < self.postgres.statement_timeout * 3 {
+            return invalid("hot.commit_deadline", "must be at least 3 × postgres.statement_timeout");
+        }
+        if !(1..=8).contains(&self.hot.max_depth) {
+            return invalid("hot.max_depth", "must be between 1 and 8");
+        }
+        if self.commit.max_batch == 0 || self.commit.writers == 0 {
+            return invalid("commit.max_batch", "commit.max_batch and commit.writers must be positive");
+        }
+        if self.postgres.max_connections < self.commit.writers as u32 + 2 {
+            return invalid("postgres.max_connections", "must exceed commit.writers by at least 2");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid("log.format", "must be \"text\" or \"json\"");
+        }
+        for (key, url, schemes) in [
+            ("postgres.url", &self.postgres.url, &["postgres", "postgresql"][..]),
+            ("redis.url", &self.redis.url, &["redis", "rediss"][..]),
+        ] {
+            match url::Url::parse(url) {
+                Ok(u) if schemes.contains(&u.scheme()) => {}
+                Ok(u) => return invalid(key, &format!("scheme {:?} is not one of {schemes:?}", u.scheme())),
+                Err(e) => return invalid(key, &format!("is not a URL ({e})")),
+            }
+        }
+        if self.redis.key_prefix.contains(['{', '}', ' ']) {
+            return invalid("redis.key_prefix", "must not contain braces or spaces");
+        }
+        Ok(())
+    }
+}
+
+/// A URL with its password replaced, for logs.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsable url>".to_string(),
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Sets `section.key` from a string, typed like the default it replaces.
+fn set(table: &mut toml::Table, dotted: &str, raw: &str, origin: &str) -> Result<(), ConfigError> {
+    let parse_err = |message: String| ConfigError::Parse { origin: origin.to_string(), message };
+    let (section, key) = dotted.split_once('.').ok_or_else(|| parse_err(format!("{dotted:?} is not section.key")))?;
+    let section_table = table
+        .get_mut(section)
+        .and_then(toml::Value::as_table_mut)
+        .ok_or_else(|| parse_err(format!("unknown section {section:?}")))?;
+    let value = match section_table.get(key) {
+        Some(toml::Value::Integer(_)) => {
+            toml::Value::Integer(raw.parse().map_err(|_| parse_err(format!("{dotted} must be an integer")))?)
+        }
+        Some(toml::Value::Boolean(_)) => {
+            toml::Value::Boolean(raw.parse().map_err(|_| parse_err(format!("{dotted} must be true or false")))?)
+        }
+        Some(_) => toml::Value::String(raw.to_string()),
+        None => return Err(parse_err(format!("unknown key {dotted:?}"))),
+    };
+    section_table.insert(key.to_string(), value);
+    Ok(())
+}
+
+/// Parses "250ms", "5s", "10m", "24h".
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text)
+        .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a duration like \"250ms\", \"5s\", \"10m\" or \"24h\"")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::defaults();
+        assert_eq!(c.hot.default_ttl, Duration::from_secs(60));
+        assert_eq!(c.jobs.reap_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn env_and_overrides_win_in_order() {
+        let sources = Sources {
+            file: None,
+            env: vec![
+                ("DATABASE_URL".into(), "postgres://u:secret@db/x".into()),
+                ("CREDITD_HOT__MAX_DEPTH".into(), "4".into()),
+                ("UNRELATED".into(), "1".into()),
+            ],
+            overrides: vec![("server.listen".into(), "127.0.0.1:0".into())],
+        };
+        let c = Config::load(&sources).unwrap();
+        assert_eq!(c.postgres.url, "postgres://u:secret@db/x");
+        assert_eq!(c.hot.max_depth, 4);
+        assert_eq!(c.server.listen.port(), 0);
+        assert_eq!(redact_url(&c.postgres.url), "postgres://u:***@db/x");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let bad = |k: &str, v: &str| {
+            Config::load(&Sources { overrides: vec![(k.into(), v.into())], ..Default::default() })
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("hot.min_ttl", "0s").contains("hot.min_ttl"));
+        assert!(bad("hot.max_depth", "x").contains("hot.max_depth"));
+        assert!(bad("hot.nope", "1").contains("unknown key"));
+        assert!(bad("redis.url", "http://x").contains("redis.url"));
+        assert!(bad("server.shutdown_grace", "ten").contains("duration"));
+    }
+}

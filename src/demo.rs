@@ -1,0 +1,51 @@
+//! The demo tenant seeded by `creditd serve --demo`: an organization with
+//! a pool of credits and two users, one drawing on the pool and one with
+//! its own small allowance and a cap.
+
+use crate::{
+    domain::{Credits, grant::Category},
+    error::Result,
+    service::{
+        Engine,
+        admin::{NewAccount, NewGrant, NewTenant},
+    },
+};
+
+pub const TENANT: &str = "demo";
+
+/// Creates the demo tenant (idempotent: safe on every start).
+pub async fn seed(engine: &Engine, max_depth: u32) -> Result<()> {
+    engine
+        .create_tenant(NewTenant {
+            tenant_id: TENANT.into(),
+            display_name: "Demo".into(),
+            credit_value: rust_decimal::Decimal::new(1, 2),
+            currency: "USD".into(),
+            time_zone: "UTC".into(),
+        })
+        .await?;
+    let account = |id: &str, parent: Option<&str>, kind: &str, pool: bool, cap: Option<i64>| NewAccount {
+        account_id: id.into(),
+        parent_id: parent.map(str::to_string),
+        kind: kind.into(),
+        display_name: String::new(),
+        pool_access: pool,
+        cap: cap.and_then(Credits::from_whole),
+    };
+    engine.create_account(TENANT, account("acme", None, "organization", false, None), max_depth).await?;
+    engine.create_account(TENANT, account("alice", Some("acme"), "user", true, None), max_depth).await?;
+    engine.create_account(TENANT, account("bob", Some("acme"), "user", false, Some(50)), max_depth).await?;
+    let grant = |account: &str, amount: i64, category, key: &str| NewGrant {
+        account_id: account.into(),
+        amount: Credits::from_whole(amount).unwrap_or_default(),
+        category,
+        priority: None,
+        effective_at: None,
+        expires_at: None,
+        description: "demo".into(),
+        idempotency_key: key.into(),
+    };
+    engine.create_grant(TENANT, grant("acme", 10_000, Category::Plan, "demo-acme-plan")).await?;
+    engine.create_grant(TENANT, grant("bob", 100, Category::Plan, "demo-bob-plan")).await?;
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Pure rules of the credit model: amounts, identifiers, grants and spend
+//! order, billing periods. No I/O, no tonic, sqlx or redis.
+
+pub mod grant;
+pub mod ids;
+pub mod money;
+pub mod period;
+
+pub use money::Credits;

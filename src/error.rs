@@ -1,0 +1,140 @@
+//! The service's error type and its stable machine reasons.
+//!
+//! Every failure a client can see is one [`Error`] variant with a
+//! [`Reason`]; `grpc::status` maps them to gRPC codes in one exhaustive
+//! match. Store errors are classified here (transient → UNAVAILABLE,
+//! otherwise INTERNAL) and their text never reaches a client.
+
+use crate::store::{hot::HotError, pg::PgError};
+
+/// Stable `google.rpc.ErrorInfo.reason` values (domain "creditd").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    InvalidAmount,
+    InvalidTtl,
+    InvalidIdempotencyKey,
+    InvalidLabels,
+    InvalidAccountId,
+    InvalidTenantId,
+    InvalidReservationId,
+    InvalidGrantId,
+    InvalidArgument,
+    TreeTooDeep,
+    BalanceLimit,
+    TenantNotFound,
+    AccountNotFound,
+    ParentNotFound,
+    GrantNotFound,
+    ReservationNotFound,
+    TenantExists,
+    AccountExists,
+    IdempotencyKeyReused,
+    ReservationCommitted,
+    ReservationReleased,
+    ReservationExpired,
+    GrantNotLive,
+    RatingUnavailable,
+    BackendUnavailable,
+    Unauthenticated,
+    Internal,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidAmount => "INVALID_AMOUNT",
+            Reason::InvalidTtl => "INVALID_TTL",
+            Reason::InvalidIdempotencyKey => "INVALID_IDEMPOTENCY_KEY",
+            Reason::InvalidLabels => "INVALID_LABELS",
+            Reason::InvalidAccountId => "INVALID_ACCOUNT_ID",
+            Reason::InvalidTenantId => "INVALID_TENANT_ID",
+            Reason::InvalidReservationId => "INVALID_RESERVATION_ID",
+            Reason::InvalidGrantId => "INVALID_GRANT_ID",
+            Reason::InvalidArgument => "INVALID_ARGUMENT",
+            Reason::TreeTooDeep => "TREE_TOO_DEEP",
+            Reason::BalanceLimit => "BALANCE_LIMIT",
+            Reason::TenantNotFound => "TENANT_NOT_FOUND",
+            Reason::AccountNotFound => "ACCOUNT_NOT_FOUND",
+            Reason::ParentNotFound => "PARENT_NOT_FOUND",
+            Reason::GrantNotFound => "GRANT_NOT_FOUND",
+            Reason::ReservationNotFound => "RESERVATION_NOT_FOUND",
+            Reason::TenantExists => "TENANT_EXISTS",
+            Reason::AccountExists => "ACCOUNT_EXISTS",
+            Reason::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Reason::ReservationCommitted => "RESERVATION_COMMITTED",
+            Reason::ReservationReleased => "RESERVATION_RELEASED",
+            Reason::ReservationExpired => "RESERVATION_EXPIRED",
+            Reason::GrantNotLive => "GRANT_NOT_LIVE",
+            Reason::RatingUnavailable => "RATING_UNAVAILABLE",
+            Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
+            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::Internal => "INTERNAL",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input; nothing changed. `field` is the request field's name.
+    #[error("{field} {detail}")]
+    InvalidArgument { field: &'static str, reason: Reason, detail: String },
+    #[error("{1}")]
+    NotFound(Reason, String),
+    #[error("{1}")]
+    AlreadyExists(Reason, String),
+    #[error("{1}")]
+    FailedPrecondition(Reason, String),
+    #[error("{1}")]
+    Unimplemented(Reason, String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A backend is down or busy; retrying (with the same idempotency key)
+    /// is safe. The source goes to the log only.
+    #[error("a backend is unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A bug or corrupted state. The source goes to the log only.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: Reason, detail: impl std::fmt::Display) -> Self {
+        Error::InvalidArgument { field, reason, detail: detail.to_string() }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::Internal(message.into().into())
+    }
+}
+
+impl From<PgError> for Error {
+    fn from(e: PgError) -> Self {
+        if e.is_transient() { Error::Unavailable(Box::new(e)) } else { Error::Internal(Box::new(e)) }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        PgError::from(e).into()
+    }
+}
+
+/// Hot-store errors that carry no request context. Callers map the
+/// contextual ones (unknown account, hold states, reused keys) first.
+impl From<HotError> for Error {
+    fn from(e: HotError) -> Self {
+        match e {
+            HotError::KeyReused => Error::FailedPrecondition(
+                Reason::IdempotencyKeyReused,
+                "the idempotency key was already used with a different payload".into(),
+            ),
+            HotError::AccountNotFound => Error::NotFound(Reason::AccountNotFound, "account not found".into()),
+            HotError::NoHold => Error::NotFound(Reason::ReservationNotFound, "reservation not found".into()),
+            HotError::TooDeep => Error::invalid("account_id", Reason::TreeTooDeep, "is in a tree deeper than allowed"),
+            e if e.is_transient() => Error::Unavailable(Box::new(e)),
+            e => Error::Internal(Box::new(e)),
+        }
+    }
+}

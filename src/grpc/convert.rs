@@ -1,0 +1,328 @@
+//! Proto ↔ service types. Every request field is validated here, and a bad
+//! one becomes INVALID_ARGUMENT naming it, before anything is touched.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{DateTime, TimeZone, Utc};
+use uuid::Uuid;
+
+use crate::{
+    decision::{Denial, DenialReason},
+    domain::{Credits, grant::Category, ids},
+    error::{Error, Reason, Result},
+    pb,
+    service::credit::Recorded,
+    store::{
+        hot::{BalanceView, ExtendOutcome, Extended, ReserveOutcome, Reserved},
+        pg::{AccountRow, GrantRow, TenantRow},
+    },
+};
+
+/// What a cost field must be.
+#[derive(Clone, Copy)]
+pub enum Sign {
+    Positive,
+    NonNegative,
+}
+
+pub fn amount(field: &'static str, text: &str, sign: Sign) -> Result<Credits> {
+    let parsed = match sign {
+        Sign::Positive => Credits::parse_positive(text),
+        Sign::NonNegative => Credits::parse_non_negative(text),
+    };
+    parsed.map_err(|e| Error::invalid(field, Reason::InvalidAmount, e))
+}
+
+pub fn optional_amount(field: &'static str, text: &str) -> Result<Option<Credits>> {
+    if text.is_empty() { Ok(None) } else { amount(field, text, Sign::Positive).map(Some) }
+}
+
+pub fn account_id(field: &'static str, value: &str) -> Result<String> {
+    ids::check_id(value).map_err(|e| Error::invalid(field, Reason::InvalidAccountId, e))?;
+    Ok(value.to_string())
+}
+
+pub fn tenant_id(field: &'static str, value: &str) -> Result<String> {
+    ids::check_id(value).map_err(|e| Error::invalid(field, Reason::InvalidTenantId, e))?;
+    Ok(value.to_string())
+}
+
+pub fn idempotency_key(value: &str) -> Result<String> {
+    ids::check_idempotency_key(value)
+        .map_err(|e| Error::invalid("idempotency_key", Reason::InvalidIdempotencyKey, e))?;
+    Ok(value.to_string())
+}
+
+pub fn labels(map: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let labels: BTreeMap<String, String> = map.into_iter().collect();
+    ids::check_labels(&labels).map_err(|e| Error::invalid("labels", Reason::InvalidLabels, e))?;
+    Ok(labels)
+}
+
+pub fn reservation_id(value: &str) -> Result<Uuid> {
+    uuid_field("reservation_id", Reason::InvalidReservationId, value)
+}
+
+pub fn grant_id(value: &str) -> Result<Uuid> {
+    uuid_field("grant_id", Reason::InvalidGrantId, value)
+}
+
+fn uuid_field(field: &'static str, reason: Reason, value: &str) -> Result<Uuid> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, reason, "is required"));
+    }
+    Uuid::parse_str(value).map_err(|_| Error::invalid(field, reason, "is not an id creditd issued"))
+}
+
+/// `None` when unset (the server default applies).
+pub fn ttl(value: Option<prost_types::Duration>) -> Result<Option<Duration>> {
+    let Some(d) = value else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(Error::invalid("ttl", Reason::InvalidTtl, "must be a positive duration"));
+    }
+    Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
+}
+
+/// The `amount` branch of a cost oneof; `usage` needs the price catalog.
+pub fn cost<T>(amount_text: Option<&str>, usage: Option<&T>, sign: Sign, field: &'static str) -> Result<Credits> {
+    match (amount_text, usage) {
+        (Some(text), _) => amount(field, text, sign),
+        (None, Some(_)) => Err(Error::Unimplemented(
+            Reason::RatingUnavailable,
+            "usage-based pricing is not available yet; send an amount".into(),
+        )),
+        (None, None) => Err(Error::invalid(field, Reason::InvalidAmount, "is required (or usage)")),
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+pub fn from_timestamp(field: &'static str, t: Option<prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>> {
+    let Some(t) = t else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Error::invalid(field, Reason::InvalidArgument, "has nanos out of range"));
+    }
+    Utc.timestamp_opt(t.seconds, t.nanos as u32)
+        .single()
+        .map(Some)
+        .ok_or_else(|| Error::invalid(field, Reason::InvalidArgument, "is out of range"))
+}
+
+pub fn denial(d: &Denial) -> pb::Denial {
+    pb::Denial {
+        reason: match d.reason {
+            DenialReason::InsufficientCredits => pb::DenialReason::InsufficientCredits,
+            DenialReason::CapReached => pb::DenialReason::CapReached,
+            DenialReason::AccountSuspended => pb::DenialReason::AccountSuspended,
+        } as i32,
+        account_id: d.account_id.clone(),
+        available: d.available.to_string(),
+        retry_after: d.retry_after.map(timestamp),
+        message: d.message(),
+    }
+}
+
+pub fn reserve_response(r: &Reserved) -> pb::ReserveResponse {
+    match &r.outcome {
+        ReserveOutcome::Granted { hold_id, amount, expires_at, available } => pb::ReserveResponse {
+            granted: true,
+            reservation_id: hold_id.clone(),
+            amount: amount.to_string(),
+            expires_at: Some(timestamp(*expires_at)),
+            available: available.to_string(),
+            denial: None,
+            replayed: r.replayed,
+            rating: None,
+        },
+        ReserveOutcome::Denied(d) => pb::ReserveResponse {
+            granted: false,
+            available: d.available.to_string(),
+            amount: "0".into(),
+            denial: Some(denial(d)),
+            replayed: r.replayed,
+            ..Default::default()
+        },
+    }
+}
+
+pub fn authorize_response(r: &Reserved) -> pb::AuthorizeResponse {
+    match &r.outcome {
+        ReserveOutcome::Granted { available, .. } => {
+            pb::AuthorizeResponse { granted: true, available: available.to_string(), denial: None, rating: None }
+        }
+        ReserveOutcome::Denied(d) => pb::AuthorizeResponse {
+            granted: false,
+            available: d.available.to_string(),
+            denial: Some(denial(d)),
+            rating: None,
+        },
+    }
+}
+
+pub fn extend_response(e: &Extended) -> pb::ExtendResponse {
+    match &e.outcome {
+        ExtendOutcome::Granted { amount, expires_at, available } => pb::ExtendResponse {
+            granted: true,
+            amount: amount.to_string(),
+            expires_at: Some(timestamp(*expires_at)),
+            available: available.to_string(),
+            denial: None,
+            replayed: e.replayed,
+        },
+        ExtendOutcome::Denied { denial: d, amount, expires_at } => pb::ExtendResponse {
+            granted: false,
+            amount: amount.to_string(),
+            expires_at: Some(timestamp(*expires_at)),
+            available: d.available.to_string(),
+            denial: Some(denial(d)),
+            replayed: e.replayed,
+        },
+    }
+}
+
+pub fn commit_response(r: &Recorded) -> pb::CommitResponse {
+    pb::CommitResponse {
+        event_id: r.event_id.to_string(),
+        amount: r.amount.to_string(),
+        released: r.released.to_string(),
+        overdraft: r.overdraft.to_string(),
+        available: r.available.to_string(),
+        replayed: r.replayed,
+        rating: None,
+        recorded_at: Some(timestamp(r.recorded_at)),
+    }
+}
+
+pub fn balance_response(account_id: &str, b: &BalanceView) -> pb::GetBalanceResponse {
+    let levels = b
+        .levels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let cap_used = l.used.checked_add(l.used_held).unwrap_or(l.used);
+            pb::BalanceLevel {
+                account_id: l.account_id.clone(),
+                in_draw_chain: i < b.draw_len,
+                balance: l.balance.to_string(),
+                held: l.held.to_string(),
+                available: l.balance.checked_sub(l.held).unwrap_or_default().to_string(),
+                pool_access: l.pool_access,
+                cap: l.cap.map(|c| c.to_string()).unwrap_or_default(),
+                cap_used: cap_used.to_string(),
+                cap_left: l
+                    .cap
+                    .map(|c| c.checked_sub(cap_used).unwrap_or_default().max(Credits::ZERO).to_string())
+                    .unwrap_or_default(),
+                period_end: Some(timestamp(l.period_end)),
+                suspended: l.suspended,
+            }
+        })
+        .collect();
+    pb::GetBalanceResponse { account_id: account_id.to_string(), available: b.available.to_string(), levels }
+}
+
+pub fn tenant(t: &TenantRow) -> pb::Tenant {
+    pb::Tenant {
+        tenant_id: t.tenant_id.clone(),
+        display_name: t.display_name.clone(),
+        credit_value: t.credit_value.normalize().to_string(),
+        currency: t.currency.clone(),
+        time_zone: t.time_zone.clone(),
+        created_at: Some(timestamp(t.created_at)),
+    }
+}
+
+pub fn account_kind(kind: i32) -> Result<String> {
+    let kind = pb::AccountKind::try_from(kind)
+        .map_err(|_| Error::invalid("kind", Reason::InvalidArgument, "is not an AccountKind"))?;
+    Ok(match kind {
+        pb::AccountKind::Unspecified => "unspecified",
+        pb::AccountKind::Organization => "organization",
+        pb::AccountKind::Team => "team",
+        pb::AccountKind::User => "user",
+        pb::AccountKind::Workspace => "workspace",
+    }
+    .to_string())
+}
+
+pub fn account(a: &AccountRow) -> pb::Account {
+    let kind = match a.kind.as_str() {
+        "organization" => pb::AccountKind::Organization,
+        "team" => pb::AccountKind::Team,
+        "user" => pb::AccountKind::User,
+        "workspace" => pb::AccountKind::Workspace,
+        _ => pb::AccountKind::Unspecified,
+    };
+    pb::Account {
+        account_id: a.account_id.clone(),
+        parent_id: a.parent_id.clone().unwrap_or_default(),
+        kind: kind as i32,
+        display_name: a.display_name.clone(),
+        pool_access: a.pool_access,
+        cap: a.cap.map(|c| c.to_string()).unwrap_or_default(),
+        suspended: a.suspended,
+        created_at: Some(timestamp(a.created_at)),
+    }
+}
+
+pub fn category(value: i32) -> Result<Category> {
+    let c = pb::GrantCategory::try_from(value)
+        .map_err(|_| Error::invalid("category", Reason::InvalidArgument, "is not a GrantCategory"))?;
+    Ok(match c {
+        pb::GrantCategory::Unspecified => {
+            return Err(Error::invalid("category", Reason::InvalidArgument, "is required"));
+        }
+        pb::GrantCategory::Plan => Category::Plan,
+        pb::GrantCategory::Purchase => Category::Purchase,
+        pb::GrantCategory::Promotional => Category::Promotional,
+        pb::GrantCategory::Referral => Category::Referral,
+        pb::GrantCategory::Welcome => Category::Welcome,
+        pb::GrantCategory::Trial => Category::Trial,
+        pb::GrantCategory::Refund => Category::Refund,
+        pb::GrantCategory::Adjustment => Category::Adjustment,
+    })
+}
+
+fn category_pb(c: Category) -> pb::GrantCategory {
+    match c {
+        Category::Plan => pb::GrantCategory::Plan,
+        Category::Purchase => pb::GrantCategory::Purchase,
+        Category::Promotional => pb::GrantCategory::Promotional,
+        Category::Referral => pb::GrantCategory::Referral,
+        Category::Welcome => pb::GrantCategory::Welcome,
+        Category::Trial => pb::GrantCategory::Trial,
+        Category::Refund => pb::GrantCategory::Refund,
+        Category::Adjustment => pb::GrantCategory::Adjustment,
+    }
+}
+
+pub fn grant(g: &GrantRow) -> pb::Grant {
+    let status = if g.voided_at.is_some() {
+        pb::GrantStatus::Voided
+    } else if g.expired_at.is_some() {
+        pb::GrantStatus::Expired
+    } else if g.credited_at.is_none() {
+        pb::GrantStatus::Pending
+    } else {
+        pb::GrantStatus::Active
+    };
+    pb::Grant {
+        grant_id: g.grant_id.to_string(),
+        account_id: g.account_id.clone(),
+        amount: g.amount.to_string(),
+        category: category_pb(g.category) as i32,
+        priority: g.priority,
+        effective_at: Some(timestamp(g.effective_at)),
+        expires_at: g.expires_at.map(timestamp),
+        status: status as i32,
+        used: g.used.to_string(),
+        remaining: g.remaining.to_string(),
+        forfeited: g.forfeited.to_string(),
+        description: g.description.clone(),
+        created_at: Some(timestamp(g.created_at)),
+        voided_at: g.voided_at.map(timestamp),
+        void_reason: g.void_reason.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,141 @@
+//! `creditd.v1.CreditService`.
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    caller::tenant_of,
+    convert::{self, Sign},
+};
+use crate::{
+    pb::{self, credit_service_server::CreditService},
+    service::{
+        Engine,
+        credit::{ChargeInput, CommitInput, ExtendInput, ReleaseInput, ReserveInput},
+    },
+};
+
+pub struct CreditApi {
+    pub engine: Engine,
+    pub default_tenant: String,
+}
+
+impl CreditApi {
+    async fn tenant<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let tenant = tenant_of(request, &self.default_tenant)?;
+        self.engine.require_tenant(&tenant).await?;
+        Ok(tenant)
+    }
+}
+
+#[tonic::async_trait]
+impl CreditService for CreditApi {
+    async fn authorize(&self, request: Request<pb::AuthorizeRequest>) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let subject = convert::account_id("account_id", &r.account_id)?;
+        let (text, usage) = match &r.cost {
+            Some(pb::authorize_request::Cost::Amount(a)) => (Some(a.as_str()), None),
+            Some(pb::authorize_request::Cost::Usage(u)) => (None, Some(u)),
+            None => (None, None),
+        };
+        let amount = convert::cost(text, usage, Sign::Positive, "amount")?;
+        let decision = self.engine.authorize(&tenant, &subject, amount).await?;
+        Ok(Response::new(convert::authorize_response(&decision)))
+    }
+
+    async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let (text, usage) = match &r.cost {
+            Some(pb::reserve_request::Cost::Amount(a)) => (Some(a.as_str()), None),
+            Some(pb::reserve_request::Cost::Usage(u)) => (None, Some(u)),
+            None => (None, None),
+        };
+        let input = ReserveInput {
+            subject: convert::account_id("account_id", &r.account_id)?,
+            amount: convert::cost(text, usage, Sign::Positive, "amount")?,
+            ttl: convert::ttl(r.ttl)?,
+            idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
+            labels: convert::labels(r.labels)?,
+        };
+        let reserved = self.engine.reserve(&tenant, &input).await?;
+        Ok(Response::new(convert::reserve_response(&reserved)))
+    }
+
+    async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let (text, usage) = match &r.cost {
+            Some(pb::commit_request::Cost::Amount(a)) => (Some(a.as_str()), None),
+            Some(pb::commit_request::Cost::Usage(u)) => (None, Some(u)),
+            None => (None, None),
+        };
+        let input = CommitInput {
+            reservation_id: convert::reservation_id(&r.reservation_id)?,
+            amount: convert::cost(text, usage, Sign::NonNegative, "amount")?,
+            idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
+            labels: convert::labels(r.labels)?,
+        };
+        let recorded = self.engine.commit(&tenant, &input).await?;
+        Ok(Response::new(convert::commit_response(&recorded)))
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let input = ReleaseInput {
+            reservation_id: convert::reservation_id(&r.reservation_id)?,
+            idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
+        };
+        let released = self.engine.release(&tenant, &input).await?;
+        Ok(Response::new(pb::ReleaseResponse {
+            released: released.amount.to_string(),
+            available: released.available.to_string(),
+            replayed: released.replayed,
+        }))
+    }
+
+    async fn extend(&self, request: Request<pb::ExtendRequest>) -> Result<Response<pb::ExtendResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let (text, usage) = match &r.more {
+            Some(pb::extend_request::More::Amount(a)) => (Some(a.as_str()), None),
+            Some(pb::extend_request::More::Usage(u)) => (None, Some(u)),
+            None => (None, None),
+        };
+        let input = ExtendInput {
+            reservation_id: convert::reservation_id(&r.reservation_id)?,
+            more: convert::cost(text, usage, Sign::NonNegative, "amount")?,
+            ttl: convert::ttl(r.ttl)?,
+            idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
+        };
+        let extended = self.engine.extend(&tenant, &input).await?;
+        Ok(Response::new(convert::extend_response(&extended)))
+    }
+
+    async fn charge(&self, request: Request<pb::ChargeRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let (text, usage) = match &r.cost {
+            Some(pb::charge_request::Cost::Amount(a)) => (Some(a.as_str()), None),
+            Some(pb::charge_request::Cost::Usage(u)) => (None, Some(u)),
+            None => (None, None),
+        };
+        let input = ChargeInput {
+            subject: convert::account_id("account_id", &r.account_id)?,
+            amount: convert::cost(text, usage, Sign::NonNegative, "amount")?,
+            idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
+            labels: convert::labels(r.labels)?,
+        };
+        let recorded = self.engine.charge(&tenant, &input).await?;
+        Ok(Response::new(convert::commit_response(&recorded)))
+    }
+
+    async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::GetBalanceResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let subject = convert::account_id("account_id", &r.account_id)?;
+        let view = self.engine.balance(&tenant, &subject).await?;
+        Ok(Response::new(convert::balance_response(&subject, &view)))
+    }
+}

@@ -1,0 +1,158 @@
+-- Shared helpers, prepended to every creditd script.
+--
+-- Data model (all keys of one tenant share the hash tag of KEYS[1]; the
+-- prefix P ends with "{t:<tenant>}:" and is passed as ARGV[1]):
+--   P epoch          string: present while the tenant's hot state is loaded
+--   P a:<account>    hash: p parent id ('' for a root), pa pool access '1'/'0',
+--                    cap (micro, absent or '' = none), u usage committed this
+--                    period, uh usage held, b balance, h held from b,
+--                    s suspended '1'/'0', pe period end (ms since epoch)
+--   P h:<hold>       hash: the hold (see reserve.lua)
+--   P holds          zset: active hold id -> expiry ms
+--   P committing     zset: hold id -> deadline ms for its PostgreSQL write
+--   P i:<rpc>:<key>  string: idempotency record {ph = payload hash, r = reply}
+--   P m:<ledger id>  string: marker of a ledger row applied to b
+-- Amounts are integers of micro-credits. Lua numbers are doubles, exact to
+-- 2^53; the service bounds every amount far below that. Every number
+-- leaves a script as a decimal string made by fmt().
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function num(v)
+  if v == false or v == nil or v == '' then return 0 end
+  return tonumber(v)
+end
+
+local function split(s)
+  local out = {}
+  if s == false or s == nil or s == '' then return out end
+  for part in string.gmatch(s, '[^,]+') do out[#out + 1] = part end
+  return out
+end
+
+local function load_account(prefix, id)
+  local key = prefix .. 'a:' .. id
+  local f = redis.call('HMGET', key, 'p', 'pa', 'cap', 'u', 'uh', 'b', 'h', 's', 'pe')
+  if f[1] == false then return nil end
+  local cap = nil
+  if f[3] ~= false and f[3] ~= '' then cap = tonumber(f[3]) end
+  return {
+    id = id, key = key, parent = f[1], pool = (f[2] == '1'), cap = cap,
+    u = num(f[4]), uh = num(f[5]), b = num(f[6]), h = num(f[7]),
+    s = (f[8] == '1'), pe = num(f[9]),
+  }
+end
+
+-- The accounts from the subject up to its root, or nil and why not.
+local function load_chain(prefix, subject, max_depth)
+  local chain = {}
+  local id = subject
+  while id ~= '' do
+    if #chain >= max_depth then return nil, 'too_deep' end
+    local acct = load_account(prefix, id)
+    if not acct then
+      if #chain == 0 then return nil, 'not_found' end
+      return nil, 'broken'
+    end
+    chain[#chain + 1] = acct
+    id = acct.parent
+  end
+  return chain
+end
+
+-- How many accounts of the chain the subject draws credits from: itself,
+-- then each parent while the account below it has pool access.
+local function draw_len(chain)
+  local n = 1
+  while n < #chain and chain[n].pool do n = n + 1 end
+  return n
+end
+
+-- What the subject could reserve now, and which limit binds.
+local function evaluate(chain)
+  local k = draw_len(chain)
+  local credits = 0
+  for i = 1, k do
+    local free = chain[i].b - chain[i].h
+    if free > 0 then credits = credits + free end
+  end
+  local cap_left, cap_acct = nil, nil
+  for i = 1, #chain do
+    local a = chain[i]
+    if a.cap then
+      local left = a.cap - a.u - a.uh
+      if left < 0 then left = 0 end
+      if cap_left == nil or left < cap_left then cap_left = left; cap_acct = a end
+    end
+  end
+  local suspended = nil
+  for i = 1, #chain do
+    if chain[i].s then suspended = chain[i]; break end
+  end
+  local avail = credits
+  if cap_left ~= nil and cap_left < avail then avail = cap_left end
+  if suspended then avail = 0 end
+  return { k = k, credits = credits, cap_left = cap_left, cap_acct = cap_acct,
+           suspended = suspended, avail = avail }
+end
+
+-- nil when `amount` fits, else {reason, limiting account id, retry_after ms}.
+-- Order: suspension, then caps, then credits.
+local function denial(chain, ev, amount)
+  if ev.suspended then return { 'ACCOUNT_SUSPENDED', ev.suspended.id, 0 } end
+  if ev.cap_left ~= nil and amount > ev.cap_left then
+    return { 'CAP_REACHED', ev.cap_acct.id, ev.cap_acct.pe }
+  end
+  if amount > ev.credits then return { 'INSUFFICIENT_CREDITS', chain[ev.k].id, 0 } end
+  return nil
+end
+
+local function available_of(prefix, subject, max_depth)
+  local chain = load_chain(prefix, subject, max_depth)
+  if not chain then return 0 end
+  return evaluate(chain).avail
+end
+
+-- The stored reply for an idempotency key: nil (none), {'mismatch'}, or the
+-- first reply with its 'replayed' slot (index 2) set.
+local function idem_get(key, ph)
+  local rec = redis.call('GET', key)
+  if not rec then return nil end
+  local d = cjson.decode(rec)
+  if d.ph ~= ph then return { 'mismatch' } end
+  local r = d.r
+  r[2] = '1'
+  return r
+end
+
+local function idem_put(key, ph, reply, ttl)
+  redis.call('SET', key, cjson.encode({ ph = ph, r = reply }), 'PX', ttl)
+end
+
+-- Returns the credits a hold keeps aside: its draws leave h, its amount
+-- leaves uh on every account of its cap chain.
+local function unhold(prefix, hold)
+  local dc, d = split(hold.dc), split(hold.d)
+  for i = 1, #dc do
+    local amt = tonumber(d[i])
+    if amt ~= 0 then redis.call('HINCRBY', prefix .. 'a:' .. dc[i], 'h', -amt) end
+  end
+  local cc = split(hold.cc)
+  for i = 1, #cc do
+    redis.call('HINCRBY', prefix .. 'a:' .. cc[i], 'uh', -hold.amt)
+  end
+end
+
+local function load_hold(key)
+  local f = redis.call('HMGET', key, 'sub', 'amt', 'dc', 'd', 'cc', 'exp', 'st', 'lab', 'ep')
+  if f[1] == false then return nil end
+  return { sub = f[1], amt = tonumber(f[2]), dc = f[3], d = f[4], cc = f[5],
+           exp = tonumber(f[6]), st = f[7], lab = f[8], ep = f[9] }
+end

@@ -1,0 +1,320 @@
+//! Administration: tenants, the account tree, grants and voids.
+//!
+//! PostgreSQL is written first; Redis follows (account settings, ledger
+//! rows applied exactly once through markers). If Redis is unreachable the
+//! change is still durable and the ledger job applies it later.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use super::{Engine, payload_hash};
+use crate::{
+    domain::{
+        Credits,
+        grant::Category,
+        money::MAX_BALANCE,
+        period::current_period,
+    },
+    error::{Error, Reason, Result},
+    store::{
+        hot::AccountSettings,
+        pg::{AccountRow, AccountUpdate, Forfeit, GrantRow, PendingEntry, TenantRow},
+    },
+};
+
+pub struct NewTenant {
+    pub tenant_id: String,
+    pub display_name: String,
+    pub credit_value: Decimal,
+    pub currency: String,
+    pub time_zone: String,
+}
+
+pub struct NewAccount {
+    pub account_id: String,
+    pub parent_id: Option<String>,
+    pub kind: String,
+    pub display_name: String,
+    pub pool_access: bool,
+    pub cap: Option<Credits>,
+}
+
+pub struct NewGrant {
+    pub account_id: String,
+    pub amount: Credits,
+    pub category: Category,
+    pub priority: Option<i32>,
+    pub effective_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub description: String,
+    pub idempotency_key: String,
+}
+
+pub struct VoidInput {
+    pub grant_id: Uuid,
+    pub reason: String,
+    pub idempotency_key: String,
+}
+
+/// A page of accounts.
+pub struct AccountPage {
+    pub accounts: Vec<AccountRow>,
+    pub next_page_token: String,
+}
+
+impl Engine {
+    pub async fn create_tenant(&self, t: NewTenant) -> Result<TenantRow> {
+        let wanted = TenantRow {
+            tenant_id: t.tenant_id,
+            display_name: t.display_name,
+            credit_value: t.credit_value,
+            currency: t.currency,
+            time_zone: t.time_zone,
+            created_at: Utc::now(),
+        };
+        let (stored, created) = self.pg.create_tenant(&wanted).await?;
+        let same = stored.display_name == wanted.display_name
+            && stored.credit_value == wanted.credit_value
+            && stored.currency == wanted.currency
+            && stored.time_zone == wanted.time_zone;
+        if !created && !same {
+            return Err(Error::AlreadyExists(
+                Reason::TenantExists,
+                format!("tenant {} exists with other settings", stored.tenant_id),
+            ));
+        }
+        // A new tenant's hot state is an empty rebuild (a no-op if loaded).
+        if let Err(e) = self.rebuild(&stored.tenant_id, std::time::Duration::ZERO).await {
+            tracing::warn!(error = %e, tenant = %stored.tenant_id, "tenant not loaded in redis yet; the health job will");
+            self.rebuild_wanted.notify_one();
+        }
+        self.tenants.insert(&stored.tenant_id);
+        if created {
+            tracing::info!(tenant = %stored.tenant_id, "tenant created");
+        }
+        Ok(stored)
+    }
+
+    pub async fn get_tenant(&self, tenant_id: &str) -> Result<TenantRow> {
+        self.pg
+            .tenant(tenant_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(Reason::TenantNotFound, format!("tenant {tenant_id} not found")))
+    }
+
+    pub async fn create_account(&self, tenant: &str, a: NewAccount, max_depth: u32) -> Result<AccountRow> {
+        self.require_tenant(tenant).await?;
+        if let Some(parent) = &a.parent_id {
+            let parent_row = self.pg.account(tenant, parent).await?.ok_or_else(|| parent_missing(parent))?;
+            if parent_row.depth as u32 >= max_depth {
+                return Err(Error::invalid(
+                    "parent_id",
+                    Reason::TreeTooDeep,
+                    format!("would make the tree deeper than {max_depth} levels"),
+                ));
+            }
+        }
+        let wanted = AccountRow {
+            account_id: a.account_id,
+            parent_id: a.parent_id,
+            kind: a.kind,
+            display_name: a.display_name,
+            pool_access: a.pool_access,
+            cap: a.cap,
+            suspended: false,
+            depth: 0,
+            created_at: Utc::now(),
+        };
+        let (stored, created) = self
+            .pg
+            .create_account(tenant, &wanted)
+            .await?
+            .ok_or_else(|| parent_missing(wanted.parent_id.as_deref().unwrap_or_default()))?;
+        let same = stored.parent_id == wanted.parent_id
+            && stored.kind == wanted.kind
+            && stored.display_name == wanted.display_name
+            && stored.pool_access == wanted.pool_access
+            && stored.cap == wanted.cap;
+        if !created && !same {
+            return Err(Error::AlreadyExists(
+                Reason::AccountExists,
+                format!("account {} exists with other settings", stored.account_id),
+            ));
+        }
+        self.put_hot_account(tenant, &stored).await?;
+        Ok(stored)
+    }
+
+    pub async fn update_account(&self, tenant: &str, update: AccountUpdate) -> Result<AccountRow> {
+        self.require_tenant(tenant).await?;
+        let stored = self.pg.update_account(tenant, &update).await?.ok_or_else(|| {
+            Error::NotFound(Reason::AccountNotFound, format!("account {} not found", update.account_id))
+        })?;
+        self.put_hot_account(tenant, &stored).await?;
+        Ok(stored)
+    }
+
+    pub async fn get_account(&self, tenant: &str, account_id: &str) -> Result<AccountRow> {
+        self.pg.account(tenant, account_id).await?.ok_or_else(|| account_missing(account_id))
+    }
+
+    pub async fn list_accounts(
+        &self,
+        tenant: &str,
+        parent: Option<&str>,
+        page_size: i64,
+        page_token: &str,
+    ) -> Result<AccountPage> {
+        let mut accounts = self.pg.list_accounts(tenant, parent, page_token, page_size + 1).await?;
+        let next_page_token = if accounts.len() as i64 > page_size {
+            accounts.truncate(page_size as usize);
+            accounts.last().map(|a| a.account_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(AccountPage { accounts, next_page_token })
+    }
+
+    pub async fn create_grant(&self, tenant: &str, g: NewGrant) -> Result<GrantRow> {
+        self.require_tenant(tenant).await?;
+        self.pg.account(tenant, &g.account_id).await?.ok_or_else(|| account_missing(&g.account_id))?;
+        let effective_at = g.effective_at.unwrap_or_else(Utc::now);
+        if let Some(expires_at) = g.expires_at
+            && expires_at <= effective_at
+        {
+            return Err(Error::invalid("expires_at", Reason::InvalidArgument, "must be after effective_at"));
+        }
+        let priority = g.priority.unwrap_or_else(|| g.category.default_priority());
+        let hash = payload_hash(&[
+            "grant",
+            &g.account_id,
+            &g.amount.to_string(),
+            g.category.as_str(),
+            &priority.to_string(),
+            &g.effective_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            &g.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            &g.description,
+        ]);
+        let balance = self.pg.ledger_balance(tenant, &g.account_id).await?;
+        if balance.checked_add(g.amount).is_none_or(|b| b > MAX_BALANCE) {
+            return Err(Error::invalid(
+                "amount",
+                Reason::BalanceLimit,
+                format!("would raise the account's credits above {MAX_BALANCE}"),
+            ));
+        }
+        let wanted = GrantRow {
+            grant_id: Uuid::now_v7(),
+            account_id: g.account_id,
+            amount: g.amount,
+            category: g.category,
+            priority,
+            effective_at,
+            expires_at: g.expires_at,
+            description: g.description,
+            payload_hash: hash.clone(),
+            credited_at: None,
+            voided_at: None,
+            void_reason: None,
+            void_hash: None,
+            expired_at: None,
+            created_at: Utc::now(),
+            used: Credits::ZERO,
+            forfeited: Credits::ZERO,
+            remaining: Credits::ZERO,
+        };
+        let (stored, pending, created) = self.pg.create_grant(tenant, &wanted, &g.idempotency_key).await?;
+        if !created && stored.payload_hash != hash {
+            return Err(crate::store::hot::HotError::KeyReused.into());
+        }
+        if let Some(entry) = pending {
+            self.apply_entry(&entry).await;
+        }
+        if created {
+            tracing::info!(tenant, grant = %stored.grant_id, account = %stored.account_id, amount = %stored.amount, "grant created");
+        }
+        Ok(stored)
+    }
+
+    pub async fn void_grant(&self, tenant: &str, v: VoidInput) -> Result<GrantRow> {
+        self.require_tenant(tenant).await?;
+        let hash = payload_hash(&["void", &v.grant_id.to_string(), &v.reason]);
+        if let Some(previous) = self.pg.grant_by_void_key(tenant, &v.idempotency_key).await? {
+            if previous.grant_id == v.grant_id && previous.void_hash.as_deref() == Some(hash.as_str()) {
+                return Ok(previous);
+            }
+            return Err(crate::store::hot::HotError::KeyReused.into());
+        }
+        self.pg.grant(tenant, v.grant_id).await?.ok_or_else(|| grant_missing(v.grant_id))?;
+        let forfeit = Forfeit::Void { reason: &v.reason, key: &v.idempotency_key, payload_hash: &hash };
+        let Some((grant, pending)) = self.pg.forfeit(tenant, v.grant_id, forfeit).await? else {
+            return Err(Error::FailedPrecondition(
+                Reason::GrantNotLive,
+                format!("grant {} is already voided or expired", v.grant_id),
+            ));
+        };
+        if let Some(entry) = pending {
+            self.apply_entry(&entry).await;
+        }
+        tracing::info!(tenant, grant = %grant.grant_id, forfeited = %grant.forfeited, "grant voided");
+        Ok(grant)
+    }
+
+    pub async fn get_grant(&self, tenant: &str, grant_id: Uuid) -> Result<GrantRow> {
+        self.pg.allocate(tenant).await?;
+        self.pg.grant(tenant, grant_id).await?.ok_or_else(|| grant_missing(grant_id))
+    }
+
+    pub async fn list_grants(&self, tenant: &str, account_id: &str, include_inactive: bool) -> Result<Vec<GrantRow>> {
+        self.pg.account(tenant, account_id).await?.ok_or_else(|| account_missing(account_id))?;
+        self.pg.allocate(tenant).await?;
+        Ok(self.pg.grants_of(tenant, account_id, include_inactive).await?)
+    }
+
+    /// Applies a ledger row to the hot balance and marks it applied. A
+    /// failure is logged; the ledger job retries it.
+    pub async fn apply_entry(&self, entry: &PendingEntry) {
+        match self.hot.apply_ledger(&entry.tenant_id, &entry.account_id, entry.entry_id, entry.amount).await {
+            Ok(_) => {
+                if let Err(e) = self.pg.mark_applied(&[entry.entry_id]).await {
+                    tracing::warn!(error = %e, entry = entry.entry_id, "ledger row applied but not marked; will be skipped by its marker");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, entry = entry.entry_id, tenant = %entry.tenant_id, "ledger row not applied to redis yet");
+                if matches!(e, crate::store::hot::HotError::NotLoaded) {
+                    self.rebuild_wanted.notify_one();
+                }
+            }
+        }
+    }
+
+    async fn put_hot_account(&self, tenant: &str, row: &AccountRow) -> Result<()> {
+        let settings = hot_settings(row, Utc::now());
+        self.hot.put_account(tenant, &row.account_id, &settings).await.map_err(|e| self.hot_error(e))
+    }
+}
+
+/// The Redis settings of an account as of `now`.
+pub fn hot_settings(row: &AccountRow, now: DateTime<Utc>) -> AccountSettings {
+    AccountSettings {
+        parent_id: row.parent_id.clone(),
+        pool_access: row.pool_access,
+        cap: row.cap,
+        suspended: row.suspended,
+        period_end: current_period(now).1,
+    }
+}
+
+fn account_missing(account_id: &str) -> Error {
+    Error::NotFound(Reason::AccountNotFound, format!("account {account_id} not found"))
+}
+
+fn parent_missing(parent: &str) -> Error {
+    Error::NotFound(Reason::ParentNotFound, format!("parent account {parent} not found"))
+}
+
+fn grant_missing(grant_id: Uuid) -> Error {
+    Error::NotFound(Reason::GrantNotFound, format!("grant {grant_id} not found"))
+}

@@ -1,0 +1,79 @@
+//! Group commit: concurrent Commit and Charge calls share PostgreSQL
+//! transactions.
+//!
+//! Each call hands its usage event to a queue and waits. A few writer tasks
+//! take whatever is queued (up to `max_batch`), write it with one
+//! statement, and answer every caller of the batch. Under load, batches
+//! grow and the cost of a WAL flush is shared; idle, a lone event is
+//! written at once.
+
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::store::pg::{Inserted, NewEvent, PgError, PgStore};
+
+type Reply = oneshot::Sender<Result<Inserted, Arc<PgError>>>;
+
+#[derive(Clone)]
+pub struct Committer {
+    queue: mpsc::Sender<(NewEvent, Reply)>,
+}
+
+impl Committer {
+    pub fn start(pg: PgStore, max_batch: usize, writers: usize) -> Self {
+        let (queue, receiver) = mpsc::channel::<(NewEvent, Reply)>(max_batch * writers * 4);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..writers {
+            let receiver = receiver.clone();
+            let pg = pg.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut batch = Vec::new();
+                    {
+                        let mut rx = receiver.lock().await;
+                        match rx.recv().await {
+                            Some(job) => batch.push(job),
+                            None => return,
+                        }
+                        while batch.len() < max_batch {
+                            match rx.try_recv() {
+                                Ok(job) => batch.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    write_batch(&pg, batch).await;
+                }
+            });
+        }
+        Committer { queue }
+    }
+
+    /// Writes one event durably (with whatever else is queued).
+    pub async fn write(&self, event: NewEvent) -> Result<Inserted, Arc<PgError>> {
+        let (tx, rx) = oneshot::channel();
+        let closed = || Arc::new(PgError::Db(sqlx::Error::PoolClosed));
+        self.queue.send((event, tx)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+}
+
+async fn write_batch(pg: &PgStore, batch: Vec<(NewEvent, Reply)>) {
+    let events: Vec<NewEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
+    tracing::trace!(size = events.len(), "group commit");
+    match pg.insert_events(&events).await {
+        Ok(results) => {
+            for ((_, reply), result) in batch.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, size = events.len(), "group commit failed");
+            let e = Arc::new(e);
+            for (_, reply) in batch {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Background work, run by every replica. Coordination goes through the
+//! stores themselves: Lua scripts are atomic, PostgreSQL rows are claimed
+//! with `FOR UPDATE SKIP LOCKED` or serialized by advisory locks, and
+//! ledger rows reach Redis through exactly-once markers. No job assumes
+//! it is the only one running.
+//!
+//! - reaper: expires holds past their TTL; finalizes or reverts commits
+//!   whose PostgreSQL write never confirmed.
+//! - ledger: credits grants that became effective, forfeits expired ones,
+//!   allocates usage to grants, applies ledger rows Redis missed.
+//! - health: watches Redis and PostgreSQL, rebuilds a tenant's hot state
+//!   when Redis lost it, and reports SERVING only when all is loaded.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::Utc;
+use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
+use uuid::Uuid;
+
+use super::{Engine, admin::hot_settings};
+use crate::{
+    domain::{Credits, period::current_period},
+    error::Result,
+    store::{hot::AccountCounters, pg::Forfeit},
+};
+
+/// Job intervals.
+#[derive(Clone, Debug)]
+pub struct JobTimings {
+    pub reap: Duration,
+    pub ledger: Duration,
+    pub health: Duration,
+}
+
+/// Serving status, as the health job sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serving {
+    Yes,
+    No,
+}
+
+/// Starts the jobs; each stops when `shutdown` turns true.
+pub fn spawn(
+    engine: Engine,
+    timings: JobTimings,
+    status: watch::Sender<Serving>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(every(timings.reap, shutdown.clone(), {
+            let engine = engine.clone();
+            move || {
+                let engine = engine.clone();
+                async move { engine.reap_all().await }
+            }
+        })),
+        tokio::spawn(every(timings.ledger, shutdown.clone(), {
+            let engine = engine.clone();
+            move || {
+                let engine = engine.clone();
+                async move { engine.ledger_pass().await }
+            }
+        })),
+        tokio::spawn(health_loop(engine, timings.health, status, shutdown)),
+    ]
+}
+
+async fn every<F, Fut>(period: Duration, mut shutdown: watch::Receiver<bool>, mut job: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => job().await,
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn health_loop(
+    engine: Engine,
+    period: Duration,
+    status: watch::Sender<Serving>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let serving = engine.health_pass().await;
+        status.send_if_modified(|current| {
+            let changed = *current != serving;
+            *current = serving;
+            changed
+        });
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = engine.rebuild_wanted.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+impl Engine {
+    /// One reaper pass over every tenant.
+    pub async fn reap_all(&self) {
+        for tenant in self.tenants.all() {
+            if let Err(e) = self.reap_tenant(&tenant).await {
+                tracing::debug!(error = %e, tenant = %tenant, "reaper pass failed");
+            }
+        }
+    }
+
+    async fn reap_tenant(&self, tenant: &str) -> Result<()> {
+        let pass = self.hot.reap(tenant, 1000).await?;
+        if pass.expired > 0 {
+            tracing::debug!(tenant, expired = pass.expired, "holds expired");
+        }
+        if pass.overdue_commits.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = pass.overdue_commits.iter().filter_map(|id| Uuid::parse_str(id).ok()).collect();
+        // Without PostgreSQL's answer nothing is reverted.
+        let durable = self.pg.holds_with_events(tenant, &ids).await?;
+        for id in ids {
+            let hold = id.to_string();
+            if durable.contains(&id) {
+                self.hot.finalize(tenant, &hold).await?;
+            } else if self.hot.revert_overdue(tenant, &hold).await? {
+                tracing::warn!(tenant, hold = %hold, "commit never became durable; its charge was reverted");
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of ledger work.
+    pub async fn ledger_pass(&self) {
+        if let Err(e) = self.ledger_work().await {
+            tracing::debug!(error = %e, "ledger pass failed");
+        }
+    }
+
+    async fn ledger_work(&self) -> Result<()> {
+        for entry in self.pg.activate_due_grants(500).await? {
+            self.apply_entry(&entry).await;
+        }
+        for (tenant, grant_id) in self.pg.expired_grants(500).await? {
+            if let Some((grant, Some(entry))) = self.pg.forfeit(&tenant, grant_id, Forfeit::Expiry).await? {
+                tracing::info!(tenant = %tenant, grant = %grant.grant_id, forfeited = %grant.forfeited, "grant expired");
+                self.apply_entry(&entry).await;
+            }
+        }
+        for tenant in self.pg.tenants_to_allocate().await? {
+            self.pg.allocate(&tenant).await?;
+        }
+        for entry in self.pg.unapplied_entries(500).await? {
+            self.apply_entry(&entry).await;
+        }
+        Ok(())
+    }
+
+    /// Checks the backends and every tenant's hot state, rebuilding what
+    /// Redis lost. SERVING needs Redis and every tenant loaded; PostgreSQL
+    /// being down alone does not stop Reserve, so it does not stop serving.
+    pub async fn health_pass(&self) -> Serving {
+        if let Err(e) = self.hot.ping().await {
+            tracing::warn!(error = %e, "redis unreachable: not serving");
+            return Serving::No;
+        }
+        match self.pg.tenant_ids().await {
+            Ok(ids) => self.tenants.replace(ids),
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres unreachable");
+                return if self.tenants.all().is_empty() { Serving::No } else { Serving::Yes };
+            }
+        }
+        for tenant in self.tenants.all() {
+            match self.hot.is_loaded(&tenant).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    match self.rebuild(&tenant, self.limits.rebuild_settle).await {
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, tenant = %tenant, "rebuild failed");
+                            return Serving::No;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis unreachable: not serving");
+                    return Serving::No;
+                }
+            }
+        }
+        Serving::Yes
+    }
+
+    /// Recomputes one tenant's hot state from PostgreSQL. Replicas
+    /// serialize on an advisory lock; the second finds the work done.
+    ///
+    /// `settle` is how long to wait between unloading and reading
+    /// PostgreSQL: commits prepared in Redis before it was lost may still
+    /// be writing their events, and the wait (longer than a statement can
+    /// take) lets them land before the snapshot.
+    pub async fn rebuild(&self, tenant: &str, settle: Duration) -> Result<()> {
+        let mut lock = self.pg.pool().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('creditd.rebuild.' || $1, 0))")
+            .bind(tenant)
+            .execute(&mut *lock)
+            .await?;
+        if self.hot.is_loaded(tenant).await? {
+            return Ok(());
+        }
+        // Unload first: from here on no script changes the tenant, and every
+        // change already made is in PostgreSQL (it is written first).
+        self.hot.unload_tenant(tenant).await?;
+        if !settle.is_zero() {
+            tracing::info!(tenant, settle = ?settle, "hot state lost: waiting for in-flight commits before rebuilding");
+            tokio::time::sleep(settle).await;
+        }
+        let now = Utc::now();
+        let (period_start, _) = current_period(now);
+        let snapshot = self.pg.snapshot(tenant, period_start).await?;
+        let parents: HashMap<&str, Option<&str>> =
+            snapshot.accounts.iter().map(|a| (a.account_id.as_str(), a.parent_id.as_deref())).collect();
+        // Usage counts against the subject and every ancestor.
+        let mut used: HashMap<&str, Credits> = HashMap::new();
+        for (subject, amount) in &snapshot.usage {
+            let mut cursor = Some(subject.as_str());
+            while let Some(account) = cursor {
+                let total = used.entry(account).or_default();
+                *total = total.checked_add(*amount).unwrap_or(*total);
+                cursor = parents.get(account).copied().flatten();
+            }
+        }
+        let accounts: Vec<_> = snapshot
+            .accounts
+            .iter()
+            .map(|a| {
+                let counters = AccountCounters {
+                    balance: snapshot.balances.get(&a.account_id).copied().unwrap_or_default(),
+                    used: used.get(a.account_id.as_str()).copied().unwrap_or_default(),
+                };
+                (a.account_id.clone(), hot_settings(a, now), counters)
+            })
+            .collect();
+        let epoch = self.hot.load_tenant(tenant, &accounts, &snapshot.unapplied).await?;
+        self.pg.mark_applied(&snapshot.unapplied).await?;
+        lock.commit().await?;
+        tracing::info!(tenant, accounts = accounts.len(), epoch = %epoch, "hot state rebuilt from postgres");
+        Ok(())
+    }
+}

@@ -1,0 +1,740 @@
+//! `HotStore`: balances, caps, holds and idempotency records in Redis.
+//!
+//! Every mutation is one Lua script (in `src/lua/`), atomic across all keys
+//! of one tenant. This module owns the calls and the parsing of their
+//! replies; it knows nothing of gRPC or PostgreSQL.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use chrono::{DateTime, TimeZone, Utc};
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+
+use super::keys::TenantKeys;
+use crate::{
+    decision::{Denial, DenialReason, HoldState},
+    domain::Credits,
+};
+
+const PRELUDE: &str = include_str!("../lua/prelude.lua");
+
+/// The compiled scripts. Each is the shared prelude followed by its body.
+struct Scripts {
+    reserve: Script,
+    commit: Script,
+    settle: Script,
+    release: Script,
+    extend: Script,
+    reap: Script,
+    balance: Script,
+    apply: Script,
+    account: Script,
+}
+
+impl Scripts {
+    fn load() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Scripts {
+            reserve: with_prelude(include_str!("../lua/reserve.lua")),
+            commit: with_prelude(include_str!("../lua/commit.lua")),
+            settle: with_prelude(include_str!("../lua/settle.lua")),
+            release: with_prelude(include_str!("../lua/release.lua")),
+            extend: with_prelude(include_str!("../lua/extend.lua")),
+            reap: with_prelude(include_str!("../lua/reap.lua")),
+            balance: with_prelude(include_str!("../lua/balance.lua")),
+            apply: with_prelude(include_str!("../lua/apply.lua")),
+            account: with_prelude(include_str!("../lua/account.lua")),
+        }
+    }
+}
+
+/// Lifetimes of the records the scripts keep.
+#[derive(Clone, Debug)]
+pub struct HotTimings {
+    /// How long replays of an idempotency key are answered from Redis.
+    pub idempotency_ttl: Duration,
+    /// How long a settled hold is kept so late calls learn its state.
+    pub tombstone_ttl: Duration,
+    /// How long a commit may take to become durable in PostgreSQL before
+    /// the reaper looks it up there and finalizes or reverts it.
+    pub commit_deadline: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HotError {
+    #[error("the tenant's hot state is not loaded (Redis was emptied); a rebuild is under way")]
+    NotLoaded,
+    #[error("account not found")]
+    AccountNotFound,
+    #[error("the account tree is deeper than allowed")]
+    TooDeep,
+    #[error("an ancestor account is missing from Redis")]
+    Broken,
+    #[error("the idempotency key was used with a different payload")]
+    KeyReused,
+    #[error("reservation not found")]
+    NoHold,
+    #[error("reservation is {0:?}")]
+    HoldState(HoldState),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from a Redis script: {0}")]
+    Protocol(String),
+}
+
+impl HotError {
+    /// Whether retrying later may succeed (drives UNAVAILABLE vs INTERNAL).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HotError::NotLoaded | HotError::Broken => true,
+            HotError::Redis(e) => {
+                e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+            }
+            _ => false,
+        }
+    }
+}
+
+pub type HotResult<T> = Result<T, HotError>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    Granted { hold_id: String, amount: Credits, expires_at: DateTime<Utc>, available: Credits },
+    Denied(Denial),
+}
+
+#[derive(Clone, Debug)]
+pub struct Reserved {
+    pub outcome: ReserveOutcome,
+    pub replayed: bool,
+}
+
+/// A commit or charge applied to the hot state, waiting to become durable.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub hold_id: String,
+    pub event_id: String,
+    pub subject: String,
+    pub cost: Credits,
+    pub released: Credits,
+    pub overdraft: Credits,
+    /// Accounts of the draw chain and what was charged to each.
+    pub charges: Vec<(String, Credits)>,
+    pub labels: BTreeMap<String, String>,
+    pub recorded_at: DateTime<Utc>,
+    pub available: Credits,
+    pub held: Credits,
+    pub epoch: String,
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Released {
+    pub amount: Credits,
+    pub available: Credits,
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum ExtendOutcome {
+    Granted { amount: Credits, expires_at: DateTime<Utc>, available: Credits },
+    Denied { denial: Denial, amount: Credits, expires_at: DateTime<Utc> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Extended {
+    pub outcome: ExtendOutcome,
+    pub replayed: bool,
+}
+
+/// One account of a chain, as Redis holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LevelView {
+    pub account_id: String,
+    pub balance: Credits,
+    pub held: Credits,
+    pub pool_access: bool,
+    pub cap: Option<Credits>,
+    pub used: Credits,
+    pub used_held: Credits,
+    pub suspended: bool,
+    pub period_end: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BalanceView {
+    pub available: Credits,
+    pub draw_len: usize,
+    pub levels: Vec<LevelView>,
+}
+
+/// Hot settings of one account, written by admin calls and rebuilds.
+#[derive(Clone, Debug)]
+pub struct AccountSettings {
+    pub parent_id: Option<String>,
+    pub pool_access: bool,
+    pub cap: Option<Credits>,
+    pub suspended: bool,
+    pub period_end: DateTime<Utc>,
+}
+
+/// Counters of one account, written only by a rebuild.
+#[derive(Clone, Debug, Default)]
+pub struct AccountCounters {
+    pub balance: Credits,
+    pub used: Credits,
+}
+
+/// The result of one reaper pass over a tenant.
+#[derive(Clone, Debug, Default)]
+pub struct ReapPass {
+    pub expired: u64,
+    pub overdue_commits: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct HotStore {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    base: String,
+    max_depth: u32,
+    timings: HotTimings,
+}
+
+/// Request of a Reserve or Authorize.
+pub struct ReserveCall<'a> {
+    pub subject: &'a str,
+    pub amount: Credits,
+    pub ttl: Duration,
+    pub idempotency_key: Option<&'a str>,
+    pub payload_hash: &'a str,
+    pub labels_json: &'a str,
+}
+
+impl HotStore {
+    pub async fn connect(
+        url: &str,
+        base: String,
+        max_depth: u32,
+        timings: HotTimings,
+        timeout: Duration,
+    ) -> HotResult<Self> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(HotStore { conn, scripts: Arc::new(Scripts::load()), base, max_depth, timings })
+    }
+
+    pub fn keys(&self, tenant: &str) -> TenantKeys {
+        TenantKeys::new(&self.base, tenant)
+    }
+
+    pub fn timings(&self) -> &HotTimings {
+        &self.timings
+    }
+
+    pub async fn ping(&self) -> HotResult<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Reserve (with an idempotency key) or Authorize (without).
+    pub async fn reserve(&self, tenant: &str, call: &ReserveCall<'_>) -> HotResult<Reserved> {
+        let keys = self.keys(tenant);
+        let hold_id = uuid::Uuid::now_v7().to_string();
+        let (mode, idem) = match call.idempotency_key {
+            Some(key) => ("reserve", keys.idempotency('r', key)),
+            None => ("authorize", keys.idempotency('r', "")),
+        };
+        let reply: Vec<String> = self
+            .scripts
+            .reserve
+            .key(keys.epoch())
+            .key(keys.account(call.subject))
+            .key(keys.holds())
+            .key(idem)
+            .key(keys.hold(&hold_id))
+            .arg(keys.prefix())
+            .arg(call.amount.micros())
+            .arg(millis(call.ttl))
+            .arg(call.payload_hash)
+            .arg(&hold_id)
+            .arg(millis(self.timings.idempotency_ttl))
+            .arg(mode)
+            .arg(call.labels_json)
+            .arg(self.max_depth)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "granted" => Ok(Reserved {
+                replayed: r.flag(1)?,
+                outcome: ReserveOutcome::Granted {
+                    hold_id: r.text(2)?.to_string(),
+                    amount: r.credits(3)?,
+                    expires_at: r.time(4)?,
+                    available: r.credits(5)?.max(Credits::ZERO),
+                },
+            }),
+            "denied" => Ok(Reserved { replayed: r.flag(1)?, outcome: ReserveOutcome::Denied(r.denial(2)?) }),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    /// The prepare step of Commit (hold given) or Charge (subject given).
+    pub async fn commit(&self, tenant: &str, call: &CommitCall<'_>) -> HotResult<Prepared> {
+        let keys = self.keys(tenant);
+        let (hold_id, idem, charge) = match call.target {
+            CommitTarget::Hold(hold_id) => (hold_id.to_string(), keys.idempotency('c', call.idempotency_key), None),
+            // A charge's hold carries its event's id.
+            CommitTarget::Charge { subject, labels_json } => (
+                call.event_id.to_string(),
+                keys.idempotency('g', call.idempotency_key),
+                Some((subject, labels_json)),
+            ),
+        };
+        let mut invocation = self.scripts.commit.prepare_invoke();
+        invocation
+            .key(keys.epoch())
+            .key(keys.hold(&hold_id))
+            .key(keys.holds())
+            .key(idem.as_str())
+            .key(keys.committing())
+            .arg(keys.prefix())
+            .arg(call.cost.micros())
+            .arg(call.payload_hash)
+            .arg(millis(self.timings.idempotency_ttl))
+            .arg(millis(self.timings.commit_deadline))
+            .arg(call.event_id)
+            .arg(call.idempotency_key)
+            .arg(self.max_depth);
+        if let Some((subject, labels_json)) = charge {
+            invocation.arg("charge").arg(subject).arg(labels_json);
+        }
+        let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "prepared" => {
+                let ids = split_csv(r.text(8)?);
+                let amounts = split_csv(r.text(9)?);
+                if ids.len() != amounts.len() {
+                    return Err(HotError::Protocol("charges do not match the draw chain".into()));
+                }
+                let charges = ids
+                    .into_iter()
+                    .zip(amounts)
+                    .map(|(id, amount)| Ok((id.to_string(), parse_micros(amount)?)))
+                    .collect::<HotResult<Vec<_>>>()?;
+                Ok(Prepared {
+                    replayed: r.flag(1)?,
+                    hold_id: r.text(2)?.to_string(),
+                    event_id: r.text(3)?.to_string(),
+                    subject: r.text(4)?.to_string(),
+                    cost: r.credits(5)?,
+                    released: r.credits(6)?,
+                    overdraft: r.credits(7)?,
+                    charges,
+                    labels: parse_labels(r.text(10)?)?,
+                    recorded_at: r.time(11)?,
+                    available: r.credits(12)?.max(Credits::ZERO),
+                    held: r.credits(13)?,
+                    epoch: r.text(14)?.to_string(),
+                })
+            }
+            other => Err(r.failure(other)),
+        }
+    }
+
+    /// Marks a committing hold committed (its event is durable).
+    pub async fn finalize(&self, tenant: &str, hold_id: &str) -> HotResult<()> {
+        self.settle(tenant, hold_id, "finalize", false).await.map(|_| ())
+    }
+
+    /// Undoes a committing hold whose event never reached PostgreSQL, if its
+    /// deadline passed. Returns whether it was reverted.
+    pub async fn revert_overdue(&self, tenant: &str, hold_id: &str) -> HotResult<bool> {
+        self.settle(tenant, hold_id, "revert", true).await
+    }
+
+    /// Undoes a committing hold at once (its charge turned out to be a
+    /// duplicate of a stored event).
+    pub async fn revert_now(&self, tenant: &str, hold_id: &str) -> HotResult<bool> {
+        self.settle(tenant, hold_id, "revert", false).await
+    }
+
+    async fn settle(&self, tenant: &str, hold_id: &str, how: &str, only_overdue: bool) -> HotResult<bool> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .settle
+            .key(keys.hold(hold_id))
+            .key(keys.committing())
+            .arg(keys.prefix())
+            .arg(how)
+            .arg(millis(self.timings.tombstone_ttl))
+            .arg(if only_overdue { "1" } else { "0" })
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => Ok(true),
+            "skip" | "early" => Ok(false),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    pub async fn release(&self, tenant: &str, hold_id: &str, idem_key: &str, payload_hash: &str) -> HotResult<Released> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .release
+            .key(keys.epoch())
+            .key(keys.hold(hold_id))
+            .key(keys.holds())
+            .key(keys.idempotency('l', idem_key))
+            .arg(keys.prefix())
+            .arg(payload_hash)
+            .arg(millis(self.timings.idempotency_ttl))
+            .arg(millis(self.timings.tombstone_ttl))
+            .arg(self.max_depth)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "released" => Ok(Released {
+                replayed: r.flag(1)?,
+                amount: r.credits(2)?,
+                available: r.credits(3)?.max(Credits::ZERO),
+            }),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    pub async fn extend(&self, tenant: &str, call: &ExtendCall<'_>) -> HotResult<Extended> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .extend
+            .key(keys.epoch())
+            .key(keys.hold(call.hold_id))
+            .key(keys.holds())
+            .key(keys.idempotency('x', call.idempotency_key))
+            .arg(keys.prefix())
+            .arg(call.more.micros())
+            .arg(millis(call.ttl))
+            .arg(call.payload_hash)
+            .arg(millis(self.timings.idempotency_ttl))
+            .arg(self.max_depth)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "granted" => Ok(Extended {
+                replayed: r.flag(1)?,
+                outcome: ExtendOutcome::Granted {
+                    amount: r.credits(2)?,
+                    expires_at: r.time(3)?,
+                    available: r.credits(4)?.max(Credits::ZERO),
+                },
+            }),
+            "denied" => Ok(Extended {
+                replayed: r.flag(1)?,
+                outcome: ExtendOutcome::Denied {
+                    denial: r.denial(2)?,
+                    amount: r.credits(6)?,
+                    expires_at: r.time(7)?,
+                },
+            }),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    pub async fn balance(&self, tenant: &str, subject: &str) -> HotResult<BalanceView> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .balance
+            .key(keys.epoch())
+            .key(keys.account(subject))
+            .arg(keys.prefix())
+            .arg(self.max_depth)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => {
+                let available = r.credits(1)?.max(Credits::ZERO);
+                let draw_len = r.text(2)?.parse::<usize>().map_err(|_| HotError::Protocol("draw length".into()))?;
+                let mut levels = Vec::new();
+                let mut i = 3;
+                while i + 9 <= reply.len() {
+                    let cap = r.text(i + 4)?;
+                    levels.push(LevelView {
+                        account_id: r.text(i)?.to_string(),
+                        balance: r.credits(i + 1)?,
+                        held: r.credits(i + 2)?,
+                        pool_access: r.text(i + 3)? == "1",
+                        cap: if cap.is_empty() { None } else { Some(parse_micros(cap)?) },
+                        used: r.credits(i + 5)?,
+                        used_held: r.credits(i + 6)?,
+                        suspended: r.text(i + 7)? == "1",
+                        period_end: r.time(i + 8)?,
+                    });
+                    i += 9;
+                }
+                Ok(BalanceView { available, draw_len, levels })
+            }
+            other => Err(r.failure(other)),
+        }
+    }
+
+    /// Applies one ledger row's delta to an account's balance, once.
+    /// Returns false when it had been applied before.
+    pub async fn apply_ledger(&self, tenant: &str, account: &str, entry_id: i64, delta: Credits) -> HotResult<bool> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .apply
+            .key(keys.epoch())
+            .key(keys.account(account))
+            .key(keys.marker(entry_id))
+            .arg(delta.micros())
+            .arg(millis(self.timings.idempotency_ttl.max(Duration::from_secs(7 * 86_400))))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "applied" => Ok(true),
+            "duplicate" => Ok(false),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    /// Writes an account's settings (creating its counters at zero).
+    pub async fn put_account(&self, tenant: &str, account: &str, settings: &AccountSettings) -> HotResult<()> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .account
+            .key(keys.epoch())
+            .key(keys.account(account))
+            .arg(settings.parent_id.as_deref().unwrap_or(""))
+            .arg(if settings.pool_access { "1" } else { "0" })
+            .arg(settings.cap.map(|c| c.micros().to_string()).unwrap_or_default())
+            .arg(if settings.suspended { "1" } else { "0" })
+            .arg(settings.period_end.timestamp_millis())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => Ok(()),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    pub async fn reap(&self, tenant: &str, limit: usize) -> HotResult<ReapPass> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .reap
+            .key(keys.holds())
+            .key(keys.committing())
+            .arg(keys.prefix())
+            .arg(limit)
+            .arg(millis(self.timings.tombstone_ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let expired = reply
+            .first()
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| HotError::Protocol("reap count".into()))?;
+        Ok(ReapPass { expired, overdue_commits: reply[1..].to_vec() })
+    }
+
+    pub async fn is_loaded(&self, tenant: &str) -> HotResult<bool> {
+        let exists: bool = self.conn.clone().exists(self.keys(tenant).epoch()).await?;
+        Ok(exists)
+    }
+
+    /// First step of a rebuild: removes the epoch (every script then
+    /// refuses to touch the tenant) and every key of the tenant.
+    pub async fn unload_tenant(&self, tenant: &str) -> HotResult<()> {
+        let keys = self.keys(tenant);
+        let mut conn = self.conn.clone();
+        let _: () = conn.del(keys.epoch()).await?;
+        // Drop whatever the tenant had (holds of a lost state, stale keys).
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(keys.pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !batch.is_empty() {
+                let _: () = redis::cmd("UNLINK").arg(&batch).query_async(&mut conn).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(())
+    }
+
+    /// Last step of a rebuild: writes `accounts` (from a PostgreSQL
+    /// snapshot taken after `unload_tenant`), marks the ledger rows in
+    /// `markers` applied, and sets a new epoch last, so scripts see either
+    /// no state or the whole of it.
+    pub async fn load_tenant(
+        &self,
+        tenant: &str,
+        accounts: &[(String, AccountSettings, AccountCounters)],
+        markers: &[i64],
+    ) -> HotResult<String> {
+        let keys = self.keys(tenant);
+        let mut conn = self.conn.clone();
+        for chunk in accounts.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (id, settings, counters) in chunk {
+                pipe.hset_multiple(
+                    keys.account(id),
+                    &[
+                        ("p", settings.parent_id.clone().unwrap_or_default()),
+                        ("pa", if settings.pool_access { "1" } else { "0" }.to_string()),
+                        ("cap", settings.cap.map(|c| c.micros().to_string()).unwrap_or_default()),
+                        ("s", if settings.suspended { "1" } else { "0" }.to_string()),
+                        ("pe", settings.period_end.timestamp_millis().to_string()),
+                        ("b", counters.balance.micros().to_string()),
+                        ("h", "0".to_string()),
+                        ("u", counters.used.micros().to_string()),
+                        ("uh", "0".to_string()),
+                    ],
+                )
+                .ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
+        let marker_ttl = millis(self.timings.idempotency_ttl.max(Duration::from_secs(7 * 86_400)));
+        for chunk in markers.chunks(500) {
+            let mut pipe = redis::pipe();
+            for entry in chunk {
+                pipe.cmd("SET").arg(keys.marker(*entry)).arg("1").arg("PX").arg(marker_ttl).ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
+        let epoch = uuid::Uuid::now_v7().to_string();
+        let _: () = conn.set(keys.epoch(), &epoch).await?;
+        Ok(epoch)
+    }
+}
+
+pub enum CommitTarget<'a> {
+    Hold(&'a str),
+    Charge { subject: &'a str, labels_json: &'a str },
+}
+
+pub struct CommitCall<'a> {
+    pub target: CommitTarget<'a>,
+    pub cost: Credits,
+    pub idempotency_key: &'a str,
+    pub payload_hash: &'a str,
+    pub event_id: &'a str,
+}
+
+pub struct ExtendCall<'a> {
+    pub hold_id: &'a str,
+    pub more: Credits,
+    pub ttl: Duration,
+    pub idempotency_key: &'a str,
+    pub payload_hash: &'a str,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn split_csv(s: &str) -> Vec<&str> {
+    s.split(',').filter(|p| !p.is_empty()).collect()
+}
+
+fn parse_micros(s: &str) -> HotResult<Credits> {
+    s.parse::<i64>()
+        .map(Credits::from_micros)
+        .map_err(|_| HotError::Protocol(format!("not an integer amount: {s:?}")))
+}
+
+fn parse_labels(s: &str) -> HotResult<BTreeMap<String, String>> {
+    if s.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    serde_json::from_str(s).map_err(|e| HotError::Protocol(format!("labels: {e}")))
+}
+
+/// A script reply: a status word, then fields as strings.
+struct Reply<'a>(&'a [String]);
+
+impl<'a> Reply<'a> {
+    fn new(v: &'a [String]) -> Self {
+        Reply(v)
+    }
+
+    fn head(&self) -> HotResult<&'a str> {
+        self.text(0)
+    }
+
+    fn text(&self, i: usize) -> HotResult<&'a str> {
+        self.0
+            .get(i)
+            .map(String::as_str)
+            .ok_or_else(|| HotError::Protocol(format!("reply too short: {:?}", self.0)))
+    }
+
+    fn flag(&self, i: usize) -> HotResult<bool> {
+        Ok(self.text(i)? == "1")
+    }
+
+    fn credits(&self, i: usize) -> HotResult<Credits> {
+        parse_micros(self.text(i)?)
+    }
+
+    fn time(&self, i: usize) -> HotResult<DateTime<Utc>> {
+        let ms = self.text(i)?.parse::<i64>().map_err(|_| HotError::Protocol("time".into()))?;
+        Utc.timestamp_millis_opt(ms).single().ok_or_else(|| HotError::Protocol("time out of range".into()))
+    }
+
+    /// reason, account, available, retry_after ms (0 = none) from index i.
+    fn denial(&self, i: usize) -> HotResult<Denial> {
+        let reason = DenialReason::parse(self.text(i)?)
+            .ok_or_else(|| HotError::Protocol(format!("denial reason {:?}", self.0.get(i))))?;
+        let retry_ms = self.text(i + 3)?.parse::<i64>().map_err(|_| HotError::Protocol("retry".into()))?;
+        Ok(Denial {
+            reason,
+            account_id: self.text(i + 1)?.to_string(),
+            available: self.credits(i + 2)?.max(Credits::ZERO),
+            retry_after: if retry_ms > 0 { Utc.timestamp_millis_opt(retry_ms).single() } else { None },
+        })
+    }
+
+    fn failure(&self, head: &str) -> HotError {
+        match head {
+            "not_loaded" => HotError::NotLoaded,
+            "not_found" => HotError::AccountNotFound,
+            "too_deep" => HotError::TooDeep,
+            "broken" => HotError::Broken,
+            "mismatch" => HotError::KeyReused,
+            "no_hold" => HotError::NoHold,
+            "state" => match self.0.get(1).and_then(|s| HoldState::parse(s)) {
+                Some(state) => HotError::HoldState(state),
+                None => HotError::Protocol(format!("hold state {:?}", self.0.get(1))),
+            },
+            other => HotError::Protocol(format!("status {other:?}")),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Every Redis key name creditd uses, in one place.
+//!
+//! All keys of a tenant share the hash tag `{t:<tenant>}`, so a script may
+//! touch any of them atomically, on one Redis or on Redis Cluster. Scripts
+//! derive account keys from the prefix (`TenantKeys::prefix`) while walking
+//! the tree; the prefix always ends with the tag and a colon.
+
+/// The key names of one tenant.
+#[derive(Clone, Debug)]
+pub struct TenantKeys {
+    prefix: String,
+}
+
+impl TenantKeys {
+    /// `base` namespaces a deployment (or a test) inside one Redis.
+    pub fn new(base: &str, tenant: &str) -> Self {
+        TenantKeys { prefix: format!("{base}{{t:{tenant}}}:") }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn epoch(&self) -> String {
+        format!("{}epoch", self.prefix)
+    }
+
+    pub fn account(&self, account_id: &str) -> String {
+        format!("{}a:{account_id}", self.prefix)
+    }
+
+    pub fn hold(&self, hold_id: &str) -> String {
+        format!("{}h:{hold_id}", self.prefix)
+    }
+
+    pub fn holds(&self) -> String {
+        format!("{}holds", self.prefix)
+    }
+
+    pub fn committing(&self) -> String {
+        format!("{}committing", self.prefix)
+    }
+
+    /// Idempotency record of one RPC (`r` reserve, `c` commit, `g` charge,
+    /// `l` release, `x` extend).
+    pub fn idempotency(&self, rpc: char, key: &str) -> String {
+        format!("{}i:{rpc}:{key}", self.prefix)
+    }
+
+    /// Marker of a ledger row applied to a hot balance.
+    pub fn marker(&self, ledger_entry: i64) -> String {
+        format!("{}m:{ledger_entry}", self.prefix)
+    }
+
+    /// Pattern matching every key of the tenant (for a rebuild).
+    pub fn pattern(&self) -> String {
+        // `{` `}` `[` `]` `*` `?` are glob characters; the prefix's braces
+        // must be escaped.
+        let mut escaped = String::with_capacity(self.prefix.len() + 4);
+        for c in self.prefix.chars() {
+            if "*?[]\\".contains(c) {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        escaped.push('*');
+        escaped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_tenant_hash_tag() {
+        let keys = TenantKeys::new("creditd:", "acme");
+        for key in [keys.epoch(), keys.account("u1"), keys.hold("h"), keys.holds(), keys.idempotency('r', "k")] {
+            assert!(key.starts_with("creditd:{t:acme}:"), "{key}");
+        }
+        assert_eq!(keys.pattern(), "creditd:{t:acme}:*");
+    }
+}

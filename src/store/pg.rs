@@ -1,0 +1,1017 @@
+//! `PgStore`: the durable side. Tenants, accounts, grants, usage events and
+//! the ledger in PostgreSQL.
+//!
+//! Queries are checked at run time (no database at build time). Money
+//! crosses this boundary as `NUMERIC` <-> [`Credits`], never as a float.
+
+use std::{collections::HashMap, str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{
+    AssertSqlSafe, PgPool, Postgres, Row, Transaction,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use uuid::Uuid;
+
+use crate::domain::{
+    Credits,
+    grant::{Category, SpendKey, allocate},
+};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored amount is not exact: {0}")]
+    Amount(String),
+}
+
+impl PgError {
+    /// Whether retrying later may succeed (connection loss, timeouts,
+    /// serialization failures, a server shutting down).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PgError::Db(sqlx::Error::Database(db)) => {
+                let code = db.code().unwrap_or_default();
+                // 40xxx transaction rollback, 53xxx resources, 57Pxx operator
+                // intervention, 08xxx connection, 57014 statement timeout.
+                code.starts_with("40")
+                    || code.starts_with("53")
+                    || code.starts_with("57P")
+                    || code.starts_with("08")
+                    || code == "57014"
+            }
+            PgError::Db(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed,
+            ) => true,
+            _ => false,
+        }
+    }
+
+    /// The SQLSTATE of a database error, if any.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            PgError::Db(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+}
+
+pub type PgResult<T> = Result<T, PgError>;
+
+fn credits(value: Decimal) -> PgResult<Credits> {
+    Credits::try_from_decimal(value).map_err(|e| PgError::Amount(format!("{value}: {e}")))
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantRow {
+    pub tenant_id: String,
+    pub display_name: String,
+    pub credit_value: Decimal,
+    pub currency: String,
+    pub time_zone: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountRow {
+    pub account_id: String,
+    pub parent_id: Option<String>,
+    pub kind: String,
+    pub display_name: String,
+    pub pool_access: bool,
+    pub cap: Option<Credits>,
+    pub suspended: bool,
+    pub depth: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GrantRow {
+    pub grant_id: Uuid,
+    pub account_id: String,
+    pub amount: Credits,
+    pub category: Category,
+    pub priority: i32,
+    pub effective_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub description: String,
+    pub payload_hash: String,
+    pub credited_at: Option<DateTime<Utc>>,
+    pub voided_at: Option<DateTime<Utc>>,
+    pub void_reason: Option<String>,
+    pub void_hash: Option<String>,
+    pub expired_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub used: Credits,
+    pub forfeited: Credits,
+    pub remaining: Credits,
+}
+
+impl GrantRow {
+    pub fn spend_key(&self) -> SpendKey {
+        SpendKey {
+            priority: self.priority,
+            expires_at: self.expires_at,
+            created_at: self.created_at,
+            id: self.grant_id,
+        }
+    }
+}
+
+/// A usage event to write (Commit or Charge).
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub tenant_id: String,
+    pub account_id: String,
+    pub reservation_id: Option<Uuid>,
+    pub idempotency_key: String,
+    pub payload_hash: String,
+    pub amount: Credits,
+    pub held: Credits,
+    pub overdraft: Credits,
+    pub draws: Vec<(String, Credits)>,
+    pub labels: serde_json::Value,
+    pub hot_epoch: String,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl NewEvent {
+    fn kind(&self) -> &'static str {
+        if self.reservation_id.is_some() { "commit" } else { "charge" }
+    }
+}
+
+/// A stored usage event.
+#[derive(Clone, Debug)]
+pub struct EventRow {
+    pub event_id: Uuid,
+    pub account_id: String,
+    pub reservation_id: Option<Uuid>,
+    pub payload_hash: String,
+    pub amount: Credits,
+    pub held: Credits,
+    pub overdraft: Credits,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// What happened to one event of a batch insert.
+#[derive(Clone, Debug)]
+pub enum Inserted {
+    /// Written now.
+    New,
+    /// An event with the same reservation or idempotency key already
+    /// exists: this one.
+    Existing(EventRow),
+}
+
+/// A ledger row whose delta must reach the Redis balance.
+#[derive(Clone, Debug)]
+pub struct PendingEntry {
+    pub entry_id: i64,
+    pub tenant_id: String,
+    pub account_id: String,
+    pub amount: Credits,
+}
+
+/// Everything a rebuild of one tenant's hot state needs.
+#[derive(Clone, Debug, Default)]
+pub struct TenantSnapshot {
+    pub accounts: Vec<AccountRow>,
+    /// Σ ledger − unallocated draws, per account.
+    pub balances: HashMap<String, Credits>,
+    /// Usage recorded since `period_start`, per subject account.
+    pub usage: HashMap<String, Credits>,
+    /// Ledger rows not yet marked applied (they are part of the balances).
+    pub unapplied: Vec<i64>,
+}
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+const EVENT_COLUMNS: &str =
+    "event_id, account_id, reservation_id, payload_hash, amount, held, overdraft, recorded_at";
+
+const GRANT_SELECT: &str = "SELECT g.grant_id, g.account_id, g.amount, g.category, g.priority, g.effective_at, \
+     g.expires_at, g.description, g.payload_hash, g.credited_at, g.voided_at, g.void_reason, g.void_hash, \
+     g.expired_at, g.created_at, \
+     COALESCE((SELECT -SUM(l.amount) FROM ledger l WHERE l.grant_id = g.grant_id AND l.kind IN ('usage', 'cover')), 0) AS used, \
+     COALESCE((SELECT -SUM(l.amount) FROM ledger l WHERE l.grant_id = g.grant_id AND l.kind IN ('void', 'expiry')), 0) AS forfeited, \
+     COALESCE((SELECT SUM(l.amount) FROM ledger l WHERE l.grant_id = g.grant_id), 0) AS remaining \
+     FROM grants g";
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32, statement_timeout: Duration) -> PgResult<Self> {
+        let timeout_ms = statement_timeout.as_millis().to_string();
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("creditd")
+            .options([("statement_timeout", timeout_ms.as_str()), ("idle_in_transaction_session_timeout", "60000")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(statement_timeout)
+            .connect_with(options)
+            .await?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> PgResult<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> PgResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- tenants ---------------------------------------------------------
+
+    /// Inserts the tenant unless it exists; returns the stored row and
+    /// whether it was created now.
+    pub async fn create_tenant(&self, t: &TenantRow) -> PgResult<(TenantRow, bool)> {
+        let created = sqlx::query(
+            "INSERT INTO tenants (tenant_id, display_name, credit_value, currency, time_zone) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(&t.tenant_id)
+        .bind(&t.display_name)
+        .bind(t.credit_value)
+        .bind(&t.currency)
+        .bind(&t.time_zone)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        let row = self.tenant(&t.tenant_id).await?.ok_or(PgError::Db(sqlx::Error::RowNotFound))?;
+        Ok((row, created))
+    }
+
+    pub async fn tenant(&self, tenant_id: &str) -> PgResult<Option<TenantRow>> {
+        let row = sqlx::query(
+            "SELECT tenant_id, display_name, credit_value, currency, time_zone, created_at FROM tenants WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| TenantRow {
+            tenant_id: r.get(0),
+            display_name: r.get(1),
+            credit_value: r.get(2),
+            currency: r.get(3),
+            time_zone: r.get(4),
+            created_at: r.get(5),
+        }))
+    }
+
+    pub async fn tenant_ids(&self) -> PgResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT tenant_id FROM tenants ORDER BY tenant_id").fetch_all(&self.pool).await?)
+    }
+
+    // ---- accounts --------------------------------------------------------
+
+    /// Inserts the account unless it exists. `Ok(None)` when the parent
+    /// does not exist; otherwise the stored row and whether it is new.
+    pub async fn create_account(&self, tenant: &str, a: &AccountRow) -> PgResult<Option<(AccountRow, bool)>> {
+        let depth: i32 = match &a.parent_id {
+            None => 1,
+            Some(parent) => match self.account(tenant, parent).await? {
+                Some(p) => p.depth + 1,
+                None => return Ok(None),
+            },
+        };
+        let created = sqlx::query(
+            "INSERT INTO accounts (tenant_id, account_id, parent_id, kind, display_name, pool_access, cap, depth) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id, account_id) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(&a.account_id)
+        .bind(&a.parent_id)
+        .bind(&a.kind)
+        .bind(&a.display_name)
+        .bind(a.pool_access)
+        .bind(a.cap.map(Credits::to_decimal))
+        .bind(depth)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        let row = self.account(tenant, &a.account_id).await?.ok_or(PgError::Db(sqlx::Error::RowNotFound))?;
+        Ok(Some((row, created)))
+    }
+
+    pub async fn update_account(&self, tenant: &str, update: &AccountUpdate) -> PgResult<Option<AccountRow>> {
+        let done = sqlx::query(
+            "UPDATE accounts SET \
+               pool_access = COALESCE($3, pool_access), \
+               cap = CASE WHEN $4 THEN $5 ELSE cap END, \
+               suspended = COALESCE($6, suspended), \
+               display_name = COALESCE($7, display_name) \
+             WHERE tenant_id = $1 AND account_id = $2",
+        )
+        .bind(tenant)
+        .bind(&update.account_id)
+        .bind(update.pool_access)
+        .bind(update.cap.is_some())
+        .bind(update.cap.flatten().map(Credits::to_decimal))
+        .bind(update.suspended)
+        .bind(&update.display_name)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.account(tenant, &update.account_id).await
+    }
+
+    pub async fn account(&self, tenant: &str, account_id: &str) -> PgResult<Option<AccountRow>> {
+        let row = sqlx::query(
+            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at \
+             FROM accounts WHERE tenant_id = $1 AND account_id = $2",
+        )
+        .bind(tenant)
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(account_row).transpose()
+    }
+
+    /// Accounts ordered by id after `after`, optionally children of one parent.
+    pub async fn list_accounts(
+        &self,
+        tenant: &str,
+        parent: Option<&str>,
+        after: &str,
+        limit: i64,
+    ) -> PgResult<Vec<AccountRow>> {
+        let rows = sqlx::query(
+            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at \
+             FROM accounts WHERE tenant_id = $1 AND ($2::text IS NULL OR parent_id = $2) AND account_id > $3 \
+             ORDER BY account_id LIMIT $4",
+        )
+        .bind(tenant)
+        .bind(parent)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(account_row).collect()
+    }
+
+    // ---- grants ----------------------------------------------------------
+
+    /// Inserts a grant (and, if effective now, its ledger row) unless one
+    /// with the same idempotency key exists. Returns the stored grant, the
+    /// ledger row to apply to Redis if one was written, and whether the
+    /// grant is new.
+    pub async fn create_grant(&self, tenant: &str, g: &GrantRow, idem_key: &str) -> PgResult<(GrantRow, Option<PendingEntry>, bool)> {
+        let mut tx = self.pool.begin().await?;
+        let credit_now = g.effective_at <= Utc::now();
+        let inserted = sqlx::query(
+            "INSERT INTO grants (grant_id, tenant_id, account_id, amount, category, priority, effective_at, expires_at, \
+               description, idempotency_key, payload_hash, credited_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $12 THEN now() END) \
+             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+        )
+        .bind(g.grant_id)
+        .bind(tenant)
+        .bind(&g.account_id)
+        .bind(g.amount.to_decimal())
+        .bind(g.category.as_str())
+        .bind(g.priority)
+        .bind(g.effective_at)
+        .bind(g.expires_at)
+        .bind(&g.description)
+        .bind(idem_key)
+        .bind(&g.payload_hash)
+        .bind(credit_now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let mut pending = None;
+        if inserted && credit_now {
+            pending = Some(insert_entry(&mut tx, tenant, &g.account_id, g.grant_id, "grant", g.amount).await?);
+        }
+        tx.commit().await?;
+        let grant_id: Uuid = if inserted {
+            g.grant_id
+        } else {
+            sqlx::query_scalar("SELECT grant_id FROM grants WHERE tenant_id = $1 AND idempotency_key = $2")
+                .bind(tenant)
+                .bind(idem_key)
+                .fetch_one(&self.pool)
+                .await?
+        };
+        let row = self.grant(tenant, grant_id).await?.ok_or(PgError::Db(sqlx::Error::RowNotFound))?;
+        Ok((row, pending, inserted))
+    }
+
+    pub async fn grant(&self, tenant: &str, grant_id: Uuid) -> PgResult<Option<GrantRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!("{GRANT_SELECT} WHERE g.tenant_id = $1 AND g.grant_id = $2")))
+            .bind(tenant)
+            .bind(grant_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(grant_row).transpose()
+    }
+
+    /// Grants of an account in spend order.
+    pub async fn grants_of(&self, tenant: &str, account_id: &str, include_inactive: bool) -> PgResult<Vec<GrantRow>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "{GRANT_SELECT} WHERE g.tenant_id = $1 AND g.account_id = $2 \
+               AND ($3 OR (g.voided_at IS NULL AND g.expired_at IS NULL))"
+        )))
+        .bind(tenant)
+        .bind(account_id)
+        .bind(include_inactive)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut grants = rows.into_iter().map(grant_row).collect::<PgResult<Vec<_>>>()?;
+        grants.sort_by(|a, b| a.spend_key().cmp_spend(&b.spend_key()));
+        Ok(grants)
+    }
+
+    /// Removes what is left of a live grant (void or expiry). Allocates the
+    /// tenant's pending usage first so the remainder is exact. Returns the
+    /// grant after the change and the ledger row to apply, or `Ok(None)`
+    /// when the grant is not live (already voided or expired).
+    pub async fn forfeit(
+        &self,
+        tenant: &str,
+        grant_id: Uuid,
+        kind: Forfeit<'_>,
+    ) -> PgResult<Option<(GrantRow, Option<PendingEntry>)>> {
+        let mut tx = self.pool.begin().await?;
+        lock_tenant_ledger(&mut tx, tenant).await?;
+        allocate_pending(&mut tx, tenant).await?;
+        let live: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT account_id, credited_at FROM grants WHERE tenant_id = $1 AND grant_id = $2 \
+               AND voided_at IS NULL AND expired_at IS NULL FOR UPDATE",
+        )
+        .bind(tenant)
+        .bind(grant_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((account_id, credited_at)) = live else {
+            return Ok(None);
+        };
+        let remaining: Decimal =
+            sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE grant_id = $1")
+                .bind(grant_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let remaining = credits(remaining)?;
+        let (entry_kind, update) = match kind {
+            Forfeit::Void { reason, key, payload_hash } => {
+                sqlx::query(
+                    "UPDATE grants SET voided_at = now(), void_reason = $2, void_key = $3, void_hash = $4 WHERE grant_id = $1",
+                )
+                .bind(grant_id)
+                .bind(reason)
+                .bind(key)
+                .bind(payload_hash)
+                .execute(&mut *tx)
+                .await?;
+                ("void", ())
+            }
+            Forfeit::Expiry => {
+                sqlx::query("UPDATE grants SET expired_at = now() WHERE grant_id = $1")
+                    .bind(grant_id)
+                    .execute(&mut *tx)
+                    .await?;
+                ("expiry", ())
+            }
+        };
+        let _ = update;
+        let pending = if credited_at.is_some() && remaining > Credits::ZERO {
+            Some(insert_entry(&mut tx, tenant, &account_id, grant_id, entry_kind, Credits::ZERO.checked_sub(remaining).unwrap_or_default()).await?)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        let row = self.grant(tenant, grant_id).await?.ok_or(PgError::Db(sqlx::Error::RowNotFound))?;
+        Ok(Some((row, pending)))
+    }
+
+    /// The grant a void idempotency key was used for, if any.
+    pub async fn grant_by_void_key(&self, tenant: &str, key: &str) -> PgResult<Option<GrantRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!("{GRANT_SELECT} WHERE g.tenant_id = $1 AND g.void_key = $2")))
+            .bind(tenant)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(grant_row).transpose()
+    }
+
+    /// Credits pending grants whose effective_at has come (any replica may
+    /// run this; rows are claimed with SKIP LOCKED). Returns the ledger rows
+    /// to apply.
+    pub async fn activate_due_grants(&self, limit: i64) -> PgResult<Vec<PendingEntry>> {
+        let mut tx = self.pool.begin().await?;
+        let due: Vec<(Uuid, String, String, Decimal)> = sqlx::query_as(
+            "SELECT grant_id, tenant_id, account_id, amount FROM grants \
+             WHERE credited_at IS NULL AND voided_at IS NULL AND effective_at <= now() \
+             ORDER BY effective_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut entries = Vec::with_capacity(due.len());
+        for (grant_id, tenant, account, amount) in due {
+            sqlx::query("UPDATE grants SET credited_at = now() WHERE grant_id = $1").bind(grant_id).execute(&mut *tx).await?;
+            entries.push(insert_entry(&mut tx, &tenant, &account, grant_id, "grant", credits(amount)?).await?);
+        }
+        tx.commit().await?;
+        Ok(entries)
+    }
+
+    /// Grants whose expires_at has passed and that are still live.
+    pub async fn expired_grants(&self, limit: i64) -> PgResult<Vec<(String, Uuid)>> {
+        Ok(sqlx::query_as(
+            "SELECT tenant_id, grant_id FROM grants \
+             WHERE expires_at <= now() AND expired_at IS NULL AND voided_at IS NULL ORDER BY expires_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---- ledger ----------------------------------------------------------
+
+    pub async fn unapplied_entries(&self, limit: i64) -> PgResult<Vec<PendingEntry>> {
+        let rows: Vec<(i64, String, String, Decimal)> = sqlx::query_as(
+            "SELECT entry_id, tenant_id, account_id, amount FROM ledger WHERE NOT applied ORDER BY entry_id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(entry_id, tenant_id, account_id, amount)| {
+                Ok(PendingEntry { entry_id, tenant_id, account_id, amount: credits(amount)? })
+            })
+            .collect()
+    }
+
+    pub async fn mark_applied(&self, entry_ids: &[i64]) -> PgResult<()> {
+        sqlx::query("UPDATE ledger SET applied = true WHERE entry_id = ANY($1)")
+            .bind(entry_ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Spreads the tenant's unallocated usage over grants in spend order.
+    pub async fn allocate(&self, tenant: &str) -> PgResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        lock_tenant_ledger(&mut tx, tenant).await?;
+        let n = allocate_pending(&mut tx, tenant).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Tenants with usage not yet allocated to grants.
+    pub async fn tenants_to_allocate(&self) -> PgResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT tenant_id FROM usage_events WHERE NOT allocated")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// The state a rebuild of the tenant's hot balances starts from. Runs
+    /// under the tenant's ledger lock, in one snapshot.
+    pub async fn snapshot(&self, tenant: &str, period_start: DateTime<Utc>) -> PgResult<TenantSnapshot> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
+        lock_tenant_ledger(&mut tx, tenant).await?;
+        let accounts = sqlx::query(
+            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at \
+             FROM accounts WHERE tenant_id = $1 ORDER BY depth, account_id",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(account_row)
+        .collect::<PgResult<Vec<_>>>()?;
+        let mut balances: HashMap<String, Credits> = HashMap::new();
+        let ledger: Vec<(String, Decimal)> = sqlx::query_as(
+            "SELECT account_id, SUM(amount) FROM ledger WHERE tenant_id = $1 GROUP BY account_id",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (account, sum) in ledger {
+            balances.insert(account, credits(sum)?);
+        }
+        let draws: Vec<(String, Decimal)> = sqlx::query_as(
+            "SELECT d.account, SUM(d.amount) FROM usage_events e, \
+               jsonb_to_recordset(e.draws) AS d(account text, amount numeric) \
+             WHERE e.tenant_id = $1 AND NOT e.allocated GROUP BY d.account",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (account, sum) in draws {
+            let entry = balances.entry(account).or_default();
+            *entry = entry.checked_sub(credits(sum)?).ok_or_else(|| PgError::Amount("balance overflow".into()))?;
+        }
+        let usage: Vec<(String, Decimal)> = sqlx::query_as(
+            "SELECT account_id, SUM(amount) FROM usage_events WHERE tenant_id = $1 AND recorded_at >= $2 GROUP BY account_id",
+        )
+        .bind(tenant)
+        .bind(period_start)
+        .fetch_all(&mut *tx)
+        .await?;
+        let usage = usage.into_iter().map(|(a, s)| Ok((a, credits(s)?))).collect::<PgResult<HashMap<_, _>>>()?;
+        let unapplied: Vec<i64> =
+            sqlx::query_scalar("SELECT entry_id FROM ledger WHERE tenant_id = $1 AND NOT applied")
+                .bind(tenant)
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(TenantSnapshot { accounts, balances, usage, unapplied })
+    }
+
+    // ---- usage events ----------------------------------------------------
+
+    /// Writes a batch of events in one statement (one transaction, one
+    /// WAL flush: the group commit). An event whose reservation or
+    /// idempotency key is already stored is not written; the stored one is
+    /// returned instead.
+    pub async fn insert_events(&self, events: &[NewEvent]) -> PgResult<Vec<Inserted>> {
+        let rows: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "event_id": e.event_id,
+                    "tenant_id": e.tenant_id,
+                    "account_id": e.account_id,
+                    "reservation_id": e.reservation_id,
+                    "kind": e.kind(),
+                    "idempotency_key": e.idempotency_key,
+                    "payload_hash": e.payload_hash,
+                    "amount": e.amount.to_string(),
+                    "held": e.held.to_string(),
+                    "overdraft": e.overdraft.to_string(),
+                    "draws": e.draws.iter().map(|(a, c)| serde_json::json!({"account": a, "amount": c.to_string()})).collect::<Vec<_>>(),
+                    "labels": e.labels,
+                    "hot_epoch": e.hot_epoch,
+                    "recorded_at": e.recorded_at,
+                })
+            })
+            .collect();
+        let written: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO usage_events (event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, \
+               payload_hash, amount, held, overdraft, draws, labels, hot_epoch, recorded_at) \
+             SELECT event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
+               amount, held, overdraft, draws, labels, hot_epoch, recorded_at \
+             FROM jsonb_to_recordset($1) AS r(event_id uuid, tenant_id text, account_id text, reservation_id uuid, \
+               kind text, idempotency_key text, payload_hash text, amount numeric, held numeric, overdraft numeric, \
+               draws jsonb, labels jsonb, hot_epoch text, recorded_at timestamptz) \
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .bind(serde_json::Value::Array(rows))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            if written.contains(&e.event_id) {
+                out.push(Inserted::New);
+                continue;
+            }
+            let existing = match e.reservation_id {
+                Some(rid) => self.event_by_reservation(&e.tenant_id, rid).await?,
+                None => None,
+            };
+            let existing = match existing {
+                Some(row) => Some(row),
+                None => self.event_by_key(&e.tenant_id, e.kind(), &e.idempotency_key).await?,
+            };
+            match existing {
+                Some(row) => out.push(Inserted::Existing(row)),
+                None => return Err(PgError::Db(sqlx::Error::RowNotFound)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn event_by_reservation(&self, tenant: &str, reservation: Uuid) -> PgResult<Option<EventRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM usage_events WHERE tenant_id = $1 AND reservation_id = $2"
+        )))
+        .bind(tenant)
+        .bind(reservation)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(event_row).transpose()
+    }
+
+    /// `kind`: "commit" or "charge".
+    pub async fn event_by_key(&self, tenant: &str, kind: &str, key: &str) -> PgResult<Option<EventRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM usage_events WHERE tenant_id = $1 AND kind = $2 AND idempotency_key = $3"
+        )))
+        .bind(tenant)
+        .bind(kind)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(event_row).transpose()
+    }
+
+    /// Of these hold ids, the ones whose usage event is stored (a commit's
+    /// event names its reservation; a charge's event has the hold's id).
+    pub async fn holds_with_events(&self, tenant: &str, holds: &[Uuid]) -> PgResult<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(reservation_id, event_id) FROM usage_events \
+             WHERE tenant_id = $1 AND (reservation_id = ANY($2) OR event_id = ANY($2))",
+        )
+        .bind(tenant)
+        .bind(holds)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Σ ledger of an account (its credits, as far as allocated).
+    pub async fn ledger_balance(&self, tenant: &str, account: &str) -> PgResult<Credits> {
+        let sum: Decimal = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE tenant_id = $1 AND account_id = $2",
+        )
+        .bind(tenant)
+        .bind(account)
+        .fetch_one(&self.pool)
+        .await?;
+        credits(sum)
+    }
+
+    /// Σ amount of the tenant's usage events (for audits and tests).
+    pub async fn usage_total(&self, tenant: &str) -> PgResult<Credits> {
+        let sum: Decimal =
+            sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM usage_events WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_one(&self.pool)
+                .await?;
+        credits(sum)
+    }
+}
+
+/// Why a grant's remainder leaves the balance.
+pub enum Forfeit<'a> {
+    Void { reason: &'a str, key: &'a str, payload_hash: &'a str },
+    Expiry,
+}
+
+/// Changes to an account; `None` leaves a field as it is. `cap:
+/// Some(None)` removes the cap.
+#[derive(Clone, Debug, Default)]
+pub struct AccountUpdate {
+    pub account_id: String,
+    pub pool_access: Option<bool>,
+    pub cap: Option<Option<Credits>>,
+    pub suspended: Option<bool>,
+    pub display_name: Option<String>,
+}
+
+async fn lock_tenant_ledger(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('creditd.ledger.' || $1, 0))")
+        .bind(tenant)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn insert_entry(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &str,
+    account: &str,
+    grant_id: Uuid,
+    kind: &str,
+    amount: Credits,
+) -> PgResult<PendingEntry> {
+    let entry_id: i64 = sqlx::query_scalar(
+        "INSERT INTO ledger (tenant_id, account_id, grant_id, kind, amount, applied) \
+         VALUES ($1, $2, $3, $4, $5, false) RETURNING entry_id",
+    )
+    .bind(tenant)
+    .bind(account)
+    .bind(grant_id)
+    .bind(kind)
+    .bind(amount.to_decimal())
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(PendingEntry { entry_id, tenant_id: tenant.to_string(), account_id: account.to_string(), amount })
+}
+
+/// Allocates every unallocated event of the tenant (caller holds the
+/// tenant's ledger lock), then lets grants with credits left pay the
+/// overdrafts of their accounts. Returns how many events were allocated.
+async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<u64> {
+    let events: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
+        "SELECT event_id, draws FROM usage_events WHERE tenant_id = $1 AND NOT allocated \
+         ORDER BY recorded_at, event_id LIMIT 10000",
+    )
+    .bind(tenant)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut draws_by_event = Vec::with_capacity(events.len());
+    let mut accounts: Vec<String> = Vec::new();
+    for (event_id, draws) in &events {
+        let parsed: Vec<(String, Credits)> = draws
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|d| {
+                        let account = d["account"].as_str().unwrap_or_default().to_string();
+                        let amount = Credits::parse(d["amount"].as_str().unwrap_or_default())
+                            .map_err(|e| PgError::Amount(format!("draw of event {event_id}: {e}")))?;
+                        Ok((account, amount))
+                    })
+                    .collect::<PgResult<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        for (account, _) in &parsed {
+            if !accounts.contains(account) {
+                accounts.push(account.clone());
+            }
+        }
+        draws_by_event.push((*event_id, parsed));
+    }
+    // Accounts owing an overdraft also get a chance to be covered.
+    let debtors: Vec<String> = sqlx::query_scalar(
+        "SELECT account_id FROM ledger WHERE tenant_id = $1 AND grant_id IS NULL \
+         GROUP BY account_id HAVING SUM(amount) < 0",
+    )
+    .bind(tenant)
+    .fetch_all(&mut **tx)
+    .await?;
+    for d in debtors {
+        if !accounts.contains(&d) {
+            accounts.push(d);
+        }
+    }
+    if accounts.is_empty() {
+        return Ok(0);
+    }
+
+    // Live grants with credits left, per account, in spend order.
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "{GRANT_SELECT} WHERE g.tenant_id = $1 AND g.account_id = ANY($2) AND g.credited_at IS NOT NULL \
+           AND g.voided_at IS NULL AND g.expired_at IS NULL"
+    )))
+    .bind(tenant)
+    .bind(&accounts)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut grants: HashMap<String, Vec<GrantRow>> = HashMap::new();
+    for row in rows {
+        let g = grant_row(row)?;
+        grants.entry(g.account_id.clone()).or_default().push(g);
+    }
+    for list in grants.values_mut() {
+        list.sort_by(|a, b| a.spend_key().cmp_spend(&b.spend_key()));
+    }
+
+    let mut entries: Vec<serde_json::Value> = Vec::new();
+    let entry = |account: &str, grant: Option<Uuid>, event: Option<Uuid>, kind: &str, amount: i64| {
+        serde_json::json!({
+            "account_id": account, "grant_id": grant, "event_id": event, "kind": kind,
+            "amount": Credits::from_micros(amount).to_string(),
+        })
+    };
+    // What each account newly owes: usage no grant covered.
+    let mut new_debt: HashMap<String, i64> = HashMap::new();
+    for (event_id, draws) in &draws_by_event {
+        for (account, amount) in draws {
+            if amount.micros() == 0 {
+                continue;
+            }
+            let list = grants.entry(account.clone()).or_default();
+            let remaining: Vec<i64> = list.iter().map(|g| g.remaining.micros()).collect();
+            let (taken, uncovered) = allocate(amount.micros(), &remaining);
+            for (g, take) in list.iter_mut().zip(taken) {
+                if take > 0 {
+                    g.remaining = Credits::from_micros(g.remaining.micros() - take);
+                    entries.push(entry(account, Some(g.grant_id), Some(*event_id), "usage", -take));
+                }
+            }
+            if uncovered > 0 {
+                entries.push(entry(account, None, Some(*event_id), "usage", -uncovered));
+                *new_debt.entry(account.clone()).or_default() += uncovered;
+            }
+        }
+    }
+    // Overdrafts (older ones, and the ones just found) are paid by grants
+    // with credits left.
+    let owed: Vec<(String, Decimal)> = sqlx::query_as(
+        "SELECT account_id, -SUM(amount) FROM ledger WHERE tenant_id = $1 AND grant_id IS NULL \
+           AND account_id = ANY($2) GROUP BY account_id",
+    )
+    .bind(tenant)
+    .bind(&accounts)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut owed: HashMap<String, i64> =
+        owed.into_iter().map(|(a, s)| Ok((a, credits(s)?.micros()))).collect::<PgResult<_>>()?;
+    for (account, debt) in new_debt {
+        *owed.entry(account).or_default() += debt;
+    }
+    for (account, debt) in owed {
+        if debt <= 0 {
+            continue;
+        }
+        let Some(list) = grants.get_mut(&account) else { continue };
+        let remaining: Vec<i64> = list.iter().map(|g| g.remaining.micros()).collect();
+        let (taken, _) = allocate(debt, &remaining);
+        for (g, take) in list.iter_mut().zip(taken) {
+            if take > 0 {
+                g.remaining = Credits::from_micros(g.remaining.micros() - take);
+                entries.push(entry(&account, Some(g.grant_id), None, "cover", -take));
+                entries.push(entry(&account, None, None, "cover", take));
+            }
+        }
+    }
+
+    if !entries.is_empty() {
+        sqlx::query(
+            "INSERT INTO ledger (tenant_id, account_id, grant_id, event_id, kind, amount, applied) \
+             SELECT $1, account_id, grant_id, event_id, kind, amount, true \
+             FROM jsonb_to_recordset($2) AS r(account_id text, grant_id uuid, event_id uuid, kind text, amount numeric)",
+        )
+        .bind(tenant)
+        .bind(serde_json::Value::Array(entries))
+        .execute(&mut **tx)
+        .await?;
+    }
+    let ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    if !ids.is_empty() {
+        sqlx::query("UPDATE usage_events SET allocated = true WHERE event_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(ids.len() as u64)
+}
+
+fn account_row(r: sqlx::postgres::PgRow) -> PgResult<AccountRow> {
+    let cap: Option<Decimal> = r.get(5);
+    Ok(AccountRow {
+        account_id: r.get(0),
+        parent_id: r.get(1),
+        kind: r.get(2),
+        display_name: r.get(3),
+        pool_access: r.get(4),
+        cap: cap.map(credits).transpose()?,
+        suspended: r.get(6),
+        depth: r.get(7),
+        created_at: r.get(8),
+    })
+}
+
+fn grant_row(r: sqlx::postgres::PgRow) -> PgResult<GrantRow> {
+    let category: String = r.get(3);
+    Ok(GrantRow {
+        grant_id: r.get(0),
+        account_id: r.get(1),
+        amount: credits(r.get(2))?,
+        category: Category::parse(&category).ok_or_else(|| PgError::Amount(format!("unknown category {category}")))?,
+        priority: r.get(4),
+        effective_at: r.get(5),
+        expires_at: r.get(6),
+        description: r.get(7),
+        payload_hash: r.get(8),
+        credited_at: r.get(9),
+        voided_at: r.get(10),
+        void_reason: r.get(11),
+        void_hash: r.get(12),
+        expired_at: r.get(13),
+        created_at: r.get(14),
+        used: credits(r.get(15))?,
+        forfeited: credits(r.get(16))?,
+        remaining: credits(r.get(17))?,
+    })
+}
+
+fn event_row(r: sqlx::postgres::PgRow) -> PgResult<EventRow> {
+    Ok(EventRow {
+        event_id: r.get(0),
+        account_id: r.get(1),
+        reservation_id: r.get(2),
+        payload_hash: r.get(3),
+        amount: credits(r.get(4))?,
+        held: credits(r.get(5))?,
+        overdraft: credits(r.get(6))?,
+        recorded_at: r.get(7),
+    })
+}
