@@ -12,7 +12,8 @@
 --   P committing     zset: hold id -> deadline ms for its PostgreSQL write
 --   P i:<rpc>:<key>  string: idempotency record {ph = payload hash, r = reply}
 --   P m:<ledger id>  string: marker of a ledger row applied to b
--- Amounts are integers of micro-credits. Lua numbers are doubles, exact to
+-- Amounts are integers of micro-credits. Never negate a zero: Lua prints
+-- -0 as "-0", which Redis refuses as an integer. Lua numbers are doubles, exact to
 -- 2^53; the service bounds every amount far below that. Every number
 -- leaves a script as a decimal string made by fmt().
 
@@ -144,6 +145,7 @@ local function unhold(prefix, hold)
     local amt = tonumber(d[i])
     if amt ~= 0 then redis.call('HINCRBY', prefix .. 'a:' .. dc[i], 'h', -amt) end
   end
+  if hold.amt == 0 then return end
   local cc = split(hold.cc)
   for i = 1, #cc do
     redis.call('HINCRBY', prefix .. 'a:' .. cc[i], 'uh', -hold.amt)

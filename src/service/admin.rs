@@ -73,6 +73,9 @@ impl Engine {
             time_zone: t.time_zone,
             created_at: Utc::now(),
         };
+        // The hot state of a new tenant is empty: mark it loaded before the
+        // tenant becomes visible, so no replica ever sees it unloaded.
+        self.hot.init_tenant(&wanted.tenant_id).await.map_err(|e| self.hot_error(e))?;
         let (stored, created) = self.pg.create_tenant(&wanted).await?;
         let same = stored.display_name == wanted.display_name
             && stored.credit_value == wanted.credit_value
@@ -83,11 +86,6 @@ impl Engine {
                 Reason::TenantExists,
                 format!("tenant {} exists with other settings", stored.tenant_id),
             ));
-        }
-        // A new tenant's hot state is an empty rebuild (a no-op if loaded).
-        if let Err(e) = self.rebuild(&stored.tenant_id, std::time::Duration::ZERO).await {
-            tracing::warn!(error = %e, tenant = %stored.tenant_id, "tenant not loaded in redis yet; the health job will");
-            self.rebuild_wanted.notify_one();
         }
         self.tenants.insert(&stored.tenant_id);
         if created {

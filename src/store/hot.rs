@@ -560,6 +560,18 @@ impl HotStore {
         Ok(exists)
     }
 
+    /// Marks a tenant's (empty) hot state loaded, unless it is already.
+    pub async fn init_tenant(&self, tenant: &str) -> HotResult<()> {
+        let epoch = uuid::Uuid::now_v7().to_string();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(self.keys(tenant).epoch())
+            .arg(epoch)
+            .arg("NX")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
     /// First step of a rebuild: removes the epoch (every script then
     /// refuses to touch the tenant) and every key of the tenant.
     pub async fn unload_tenant(&self, tenant: &str) -> HotResult<()> {

@@ -817,8 +817,8 @@ async fn insert_entry(
 /// tenant's ledger lock), then lets grants with credits left pay the
 /// overdrafts of their accounts. Returns how many events were allocated.
 async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<u64> {
-    let events: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
-        "SELECT event_id, draws FROM usage_events WHERE tenant_id = $1 AND NOT allocated \
+    let events: Vec<(Uuid, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT event_id, draws, recorded_at FROM usage_events WHERE tenant_id = $1 AND NOT allocated \
          ORDER BY recorded_at, event_id LIMIT 10000",
     )
     .bind(tenant)
@@ -826,7 +826,7 @@ async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> P
     .await?;
     let mut draws_by_event = Vec::with_capacity(events.len());
     let mut accounts: Vec<String> = Vec::new();
-    for (event_id, draws) in &events {
+    for (event_id, draws, recorded_at) in &events {
         let parsed: Vec<(String, Credits)> = draws
             .as_array()
             .map(|list| {
@@ -846,7 +846,7 @@ async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> P
                 accounts.push(account.clone());
             }
         }
-        draws_by_event.push((*event_id, parsed));
+        draws_by_event.push((*event_id, parsed, *recorded_at));
     }
     // Accounts owing an overdraft also get a chance to be covered.
     let debtors: Vec<String> = sqlx::query_scalar(
@@ -892,13 +892,18 @@ async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> P
     };
     // What each account newly owes: usage no grant covered.
     let mut new_debt: HashMap<String, i64> = HashMap::new();
-    for (event_id, draws) in &draws_by_event {
+    for (event_id, draws, recorded_at) in &draws_by_event {
         for (account, amount) in draws {
             if amount.micros() == 0 {
                 continue;
             }
             let list = grants.entry(account.clone()).or_default();
-            let remaining: Vec<i64> = list.iter().map(|g| g.remaining.micros()).collect();
+            // Only grants already credited when the usage happened pay for
+            // it; a later grant pays what is left as an overdraft.
+            let remaining: Vec<i64> = list
+                .iter()
+                .map(|g| if g.credited_at.is_some_and(|c| c <= *recorded_at) { g.remaining.micros() } else { 0 })
+                .collect();
             let (taken, uncovered) = allocate(amount.micros(), &remaining);
             for (g, take) in list.iter_mut().zip(taken) {
                 if take > 0 {
@@ -954,7 +959,7 @@ async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> P
         .execute(&mut **tx)
         .await?;
     }
-    let ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<Uuid> = events.iter().map(|(id, _, _)| *id).collect();
     if !ids.is_empty() {
         sqlx::query("UPDATE usage_events SET allocated = true WHERE event_id = ANY($1)")
             .bind(&ids)

@@ -1,0 +1,11 @@
+//! Integration suite: creditd driven through its gRPC API against real
+//! PostgreSQL and Redis (see `harness`).
+
+mod harness;
+
+mod admin;
+mod bad_input;
+mod exactness;
+mod hot_path;
+mod idempotency;
+mod recovery;
