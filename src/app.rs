@@ -51,9 +51,10 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
-        let pg = PgStore::connect(&config.postgres.url, config.postgres.max_connections, config.postgres.statement_timeout)
-            .await
-            .map_err(|source| StartError::Postgres { url: redact_url(&config.postgres.url), source })?;
+        let pg =
+            PgStore::connect(&config.postgres.url, config.postgres.max_connections, config.postgres.statement_timeout)
+                .await
+                .map_err(|source| StartError::Postgres { url: redact_url(&config.postgres.url), source })?;
         if config.postgres.migrate_on_start {
             pg.migrate().await.map_err(StartError::Migrate)?;
         }

@@ -139,9 +139,10 @@ impl Config {
         let mut table: toml::Table = toml::from_str(DEFAULTS)
             .map_err(|e| ConfigError::Parse { origin: "defaults".into(), message: e.to_string() })?;
         if let Some(path) = &sources.file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            let file: toml::Table =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse { origin: path.clone(), message: e.to_string() })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let file: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse { origin: path.clone(), message: e.to_string() })?;
             merge(&mut table, file);
         }
         for (name, value) in &sources.env {
@@ -158,9 +159,10 @@ impl Config {
         for (key, value) in &sources.overrides {
             set(&mut table, key, value, &format!("--{key}"))?;
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: "merged configuration".into(), message: e.to_string() })?;
+        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: "merged configuration".into(),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -268,8 +270,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    parse_duration(&text)
-        .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a duration like \"250ms\", \"5s\", \"10m\" or \"24h\"")))
+    parse_duration(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!("{text:?} is not a duration like \"250ms\", \"5s\", \"10m\" or \"24h\""))
+    })
 }
 
 #[cfg(test)]

@@ -36,10 +36,9 @@ pub struct Denial {
 impl Denial {
     pub fn message(&self) -> String {
         match self.reason {
-            DenialReason::InsufficientCredits => format!(
-                "not enough credits: {} available through account {}",
-                self.available, self.account_id
-            ),
+            DenialReason::InsufficientCredits => {
+                format!("not enough credits: {} available through account {}", self.available, self.account_id)
+            }
             DenialReason::CapReached => format!(
                 "the period cap of account {} is reached: {} available until the next period",
                 self.account_id, self.available

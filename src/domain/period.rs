@@ -13,10 +13,8 @@ pub fn current_period(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
         .single()
         .expect("the first of a month at midnight UTC exists");
     let (year, month) = if now.month() == 12 { (now.year() + 1, 1) } else { (now.year(), now.month() + 1) };
-    let end = Utc
-        .with_ymd_and_hms(year, month, 1, 0, 0, 0)
-        .single()
-        .expect("the first of a month at midnight UTC exists");
+    let end =
+        Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0).single().expect("the first of a month at midnight UTC exists");
     (start, end)
 }
 

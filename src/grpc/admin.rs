@@ -48,7 +48,9 @@ impl AdminService for AdminApi {
         }
         let time_zone = text_or(r.time_zone, "UTC");
         if time_zone.len() > 64 || time_zone.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Error::invalid("time_zone", Reason::InvalidArgument, "must be an IANA zone like Europe/Paris").into());
+            return Err(
+                Error::invalid("time_zone", Reason::InvalidArgument, "must be an IANA zone like Europe/Paris").into()
+            );
         }
         if r.display_name.chars().count() > 256 {
             return Err(Error::invalid("display_name", Reason::InvalidArgument, "is longer than 256 characters").into());
@@ -71,12 +73,19 @@ impl AdminService for AdminApi {
         Ok(Response::new(convert::tenant(&self.engine.get_tenant(&tenant_id).await?)))
     }
 
-    async fn create_account(&self, request: Request<pb::CreateAccountRequest>) -> Result<Response<pb::Account>, Status> {
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
         let input = NewAccount {
             account_id: convert::account_id("account_id", &r.account_id)?,
-            parent_id: if r.parent_id.is_empty() { None } else { Some(convert::account_id("parent_id", &r.parent_id)?) },
+            parent_id: if r.parent_id.is_empty() {
+                None
+            } else {
+                Some(convert::account_id("parent_id", &r.parent_id)?)
+            },
             kind: convert::account_kind(r.kind)?,
             display_name: r.display_name,
             pool_access: r.pool_access,
@@ -86,7 +95,10 @@ impl AdminService for AdminApi {
         Ok(Response::new(convert::account(&account)))
     }
 
-    async fn update_account(&self, request: Request<pb::UpdateAccountRequest>) -> Result<Response<pb::Account>, Status> {
+    async fn update_account(
+        &self,
+        request: Request<pb::UpdateAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
         let update = AccountUpdate {
@@ -153,7 +165,9 @@ impl AdminService for AdminApi {
         let r = request.into_inner();
         let reason = r.reason.trim().to_string();
         if reason.is_empty() || reason.chars().count() > 512 {
-            return Err(Error::invalid("reason", Reason::InvalidArgument, "is required (at most 512 characters)").into());
+            return Err(
+                Error::invalid("reason", Reason::InvalidArgument, "is required (at most 512 characters)").into()
+            );
         }
         let input = VoidInput {
             grant_id: convert::grant_id(&r.grant_id)?,
@@ -170,7 +184,10 @@ impl AdminService for AdminApi {
         Ok(Response::new(convert::grant(&self.engine.get_grant(&tenant, grant_id).await?)))
     }
 
-    async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
+    async fn list_grants(
+        &self,
+        request: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::ListGrantsResponse>, Status> {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
         let account_id = convert::account_id("account_id", &r.account_id)?;

@@ -18,9 +18,7 @@ pub const TENANT_HEADER: &str = "x-creditd-tenant";
 pub fn tenant_of<T>(request: &Request<T>, default_tenant: &str) -> Result<String> {
     match request.metadata().get(TENANT_HEADER) {
         Some(value) => {
-            let text = value
-                .to_str()
-                .map_err(|_| Error::Unauthenticated(format!("{TENANT_HEADER} is not ASCII")))?;
+            let text = value.to_str().map_err(|_| Error::Unauthenticated(format!("{TENANT_HEADER} is not ASCII")))?;
             convert::tenant_id(TENANT_HEADER, text)
                 .map_err(|_| Error::Unauthenticated(format!("{TENANT_HEADER} is not a valid tenant id")))
         }

@@ -29,7 +29,10 @@ impl CreditApi {
 
 #[tonic::async_trait]
 impl CreditService for CreditApi {
-    async fn authorize(&self, request: Request<pb::AuthorizeRequest>) -> Result<Response<pb::AuthorizeResponse>, Status> {
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
         let subject = convert::account_id("account_id", &r.account_id)?;
@@ -131,7 +134,10 @@ impl CreditService for CreditApi {
         Ok(Response::new(convert::commit_response(&recorded)))
     }
 
-    async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::GetBalanceResponse>, Status> {
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
         let subject = convert::account_id("account_id", &r.account_id)?;

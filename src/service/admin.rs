@@ -10,12 +10,7 @@ use uuid::Uuid;
 
 use super::{Engine, payload_hash};
 use crate::{
-    domain::{
-        Credits,
-        grant::Category,
-        money::MAX_BALANCE,
-        period::current_period,
-    },
+    domain::{Credits, grant::Category, money::MAX_BALANCE, period::current_period},
     error::{Error, Reason, Result},
     store::{
         hot::AccountSettings,

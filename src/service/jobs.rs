@@ -179,15 +179,13 @@ impl Engine {
         for tenant in self.tenants.all() {
             match self.hot.is_loaded(&tenant).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    match self.rebuild(&tenant, self.limits.rebuild_settle).await {
-                        Ok(()) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, tenant = %tenant, "rebuild failed");
-                            return Serving::No;
-                        }
+                Ok(false) => match self.rebuild(&tenant, self.limits.rebuild_settle).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, tenant = %tenant, "rebuild failed");
+                        return Serving::No;
                     }
-                }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "redis unreachable: not serving");
                     return Serving::No;

@@ -291,11 +291,9 @@ impl HotStore {
         let (hold_id, idem, charge) = match call.target {
             CommitTarget::Hold(hold_id) => (hold_id.to_string(), keys.idempotency('c', call.idempotency_key), None),
             // A charge's hold carries its event's id.
-            CommitTarget::Charge { subject, labels_json } => (
-                call.event_id.to_string(),
-                keys.idempotency('g', call.idempotency_key),
-                Some((subject, labels_json)),
-            ),
+            CommitTarget::Charge { subject, labels_json } => {
+                (call.event_id.to_string(), keys.idempotency('g', call.idempotency_key), Some((subject, labels_json)))
+            }
         };
         let mut invocation = self.scripts.commit.prepare_invoke();
         invocation
@@ -387,7 +385,13 @@ impl HotStore {
         }
     }
 
-    pub async fn release(&self, tenant: &str, hold_id: &str, idem_key: &str, payload_hash: &str) -> HotResult<Released> {
+    pub async fn release(
+        &self,
+        tenant: &str,
+        hold_id: &str,
+        idem_key: &str,
+        payload_hash: &str,
+    ) -> HotResult<Released> {
         let keys = self.keys(tenant);
         let reply: Vec<String> = self
             .scripts
@@ -443,11 +447,7 @@ impl HotStore {
             }),
             "denied" => Ok(Extended {
                 replayed: r.flag(1)?,
-                outcome: ExtendOutcome::Denied {
-                    denial: r.denial(2)?,
-                    amount: r.credits(6)?,
-                    expires_at: r.time(7)?,
-                },
+                outcome: ExtendOutcome::Denied { denial: r.denial(2)?, amount: r.credits(6)?, expires_at: r.time(7)? },
             }),
             other => Err(r.failure(other)),
         }
@@ -548,10 +548,8 @@ impl HotStore {
             .arg(millis(self.timings.tombstone_ttl))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        let expired = reply
-            .first()
-            .and_then(|n| n.parse::<u64>().ok())
-            .ok_or_else(|| HotError::Protocol("reap count".into()))?;
+        let expired =
+            reply.first().and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| HotError::Protocol("reap count".into()))?;
         Ok(ReapPass { expired, overdue_commits: reply[1..].to_vec() })
     }
 
@@ -677,9 +675,7 @@ fn split_csv(s: &str) -> Vec<&str> {
 }
 
 fn parse_micros(s: &str) -> HotResult<Credits> {
-    s.parse::<i64>()
-        .map(Credits::from_micros)
-        .map_err(|_| HotError::Protocol(format!("not an integer amount: {s:?}")))
+    s.parse::<i64>().map(Credits::from_micros).map_err(|_| HotError::Protocol(format!("not an integer amount: {s:?}")))
 }
 
 fn parse_labels(s: &str) -> HotResult<BTreeMap<String, String>> {
@@ -702,10 +698,7 @@ impl<'a> Reply<'a> {
     }
 
     fn text(&self, i: usize) -> HotResult<&'a str> {
-        self.0
-            .get(i)
-            .map(String::as_str)
-            .ok_or_else(|| HotError::Protocol(format!("reply too short: {:?}", self.0)))
+        self.0.get(i).map(String::as_str).ok_or_else(|| HotError::Protocol(format!("reply too short: {:?}", self.0)))
     }
 
     fn flag(&self, i: usize) -> HotResult<bool> {

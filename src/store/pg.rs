@@ -197,8 +197,7 @@ pub struct PgStore {
     pool: PgPool,
 }
 
-const EVENT_COLUMNS: &str =
-    "event_id, account_id, reservation_id, payload_hash, amount, held, overdraft, recorded_at";
+const EVENT_COLUMNS: &str = "event_id, account_id, reservation_id, payload_hash, amount, held, overdraft, recorded_at";
 
 const GRANT_SELECT: &str = "SELECT g.grant_id, g.account_id, g.amount, g.category, g.priority, g.effective_at, \
      g.expires_at, g.description, g.payload_hash, g.credited_at, g.voided_at, g.void_reason, g.void_hash, \
@@ -375,7 +374,12 @@ impl PgStore {
     /// with the same idempotency key exists. Returns the stored grant, the
     /// ledger row to apply to Redis if one was written, and whether the
     /// grant is new.
-    pub async fn create_grant(&self, tenant: &str, g: &GrantRow, idem_key: &str) -> PgResult<(GrantRow, Option<PendingEntry>, bool)> {
+    pub async fn create_grant(
+        &self,
+        tenant: &str,
+        g: &GrantRow,
+        idem_key: &str,
+    ) -> PgResult<(GrantRow, Option<PendingEntry>, bool)> {
         let mut tx = self.pool.begin().await?;
         let credit_now = g.effective_at <= Utc::now();
         let inserted = sqlx::query(
@@ -467,11 +471,10 @@ impl PgStore {
         let Some((account_id, credited_at)) = live else {
             return Ok(None);
         };
-        let remaining: Decimal =
-            sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE grant_id = $1")
-                .bind(grant_id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let remaining: Decimal = sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE grant_id = $1")
+            .bind(grant_id)
+            .fetch_one(&mut *tx)
+            .await?;
         let remaining = credits(remaining)?;
         let (entry_kind, update) = match kind {
             Forfeit::Void { reason, key, payload_hash } => {
@@ -496,7 +499,17 @@ impl PgStore {
         };
         let _ = update;
         let pending = if credited_at.is_some() && remaining > Credits::ZERO {
-            Some(insert_entry(&mut tx, tenant, &account_id, grant_id, entry_kind, Credits::ZERO.checked_sub(remaining).unwrap_or_default()).await?)
+            Some(
+                insert_entry(
+                    &mut tx,
+                    tenant,
+                    &account_id,
+                    grant_id,
+                    entry_kind,
+                    Credits::ZERO.checked_sub(remaining).unwrap_or_default(),
+                )
+                .await?,
+            )
         } else {
             None
         };
@@ -530,7 +543,10 @@ impl PgStore {
         .await?;
         let mut entries = Vec::with_capacity(due.len());
         for (grant_id, tenant, account, amount) in due {
-            sqlx::query("UPDATE grants SET credited_at = now() WHERE grant_id = $1").bind(grant_id).execute(&mut *tx).await?;
+            sqlx::query("UPDATE grants SET credited_at = now() WHERE grant_id = $1")
+                .bind(grant_id)
+                .execute(&mut *tx)
+                .await?;
             entries.push(insert_entry(&mut tx, &tenant, &account, grant_id, "grant", credits(amount)?).await?);
         }
         tx.commit().await?;
@@ -605,12 +621,11 @@ impl PgStore {
         .map(account_row)
         .collect::<PgResult<Vec<_>>>()?;
         let mut balances: HashMap<String, Credits> = HashMap::new();
-        let ledger: Vec<(String, Decimal)> = sqlx::query_as(
-            "SELECT account_id, SUM(amount) FROM ledger WHERE tenant_id = $1 GROUP BY account_id",
-        )
-        .bind(tenant)
-        .fetch_all(&mut *tx)
-        .await?;
+        let ledger: Vec<(String, Decimal)> =
+            sqlx::query_as("SELECT account_id, SUM(amount) FROM ledger WHERE tenant_id = $1 GROUP BY account_id")
+                .bind(tenant)
+                .fetch_all(&mut *tx)
+                .await?;
         for (account, sum) in ledger {
             balances.insert(account, credits(sum)?);
         }
@@ -745,23 +760,21 @@ impl PgStore {
 
     /// Σ ledger of an account (its credits, as far as allocated).
     pub async fn ledger_balance(&self, tenant: &str, account: &str) -> PgResult<Credits> {
-        let sum: Decimal = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE tenant_id = $1 AND account_id = $2",
-        )
-        .bind(tenant)
-        .bind(account)
-        .fetch_one(&self.pool)
-        .await?;
+        let sum: Decimal =
+            sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE tenant_id = $1 AND account_id = $2")
+                .bind(tenant)
+                .bind(account)
+                .fetch_one(&self.pool)
+                .await?;
         credits(sum)
     }
 
     /// Σ amount of the tenant's usage events (for audits and tests).
     pub async fn usage_total(&self, tenant: &str) -> PgResult<Credits> {
-        let sum: Decimal =
-            sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM usage_events WHERE tenant_id = $1")
-                .bind(tenant)
-                .fetch_one(&self.pool)
-                .await?;
+        let sum: Decimal = sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM usage_events WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await?;
         credits(sum)
     }
 }

@@ -45,7 +45,10 @@ impl Backends {
         let name = format!("creditd_t_{}", random_suffix());
         let mut admin = url::Url::parse(&admin_url).expect("CREDITD_TEST_DATABASE_URL is a URL");
         let pool = sqlx::PgPool::connect(admin.as_str()).await.expect("connect to the test postgres");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await.expect("create database");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create database");
         pool.close().await;
         admin.set_path(&name);
         Backends {
@@ -232,7 +235,10 @@ impl TestApp {
                     account_id: account.into(),
                     cost: Some(pb::reserve_request::Cost::Amount(amount.into())),
                     idempotency_key: key.into(),
-                    ttl: Some(prost_types::Duration { seconds: ttl.as_secs() as i64, nanos: ttl.subsec_nanos() as i32 }),
+                    ttl: Some(prost_types::Duration {
+                        seconds: ttl.as_secs() as i64,
+                        nanos: ttl.subsec_nanos() as i32,
+                    }),
                     ..Default::default()
                 },
             ))
@@ -260,7 +266,10 @@ impl TestApp {
     pub async fn release(&self, reservation: &str, key: &str) -> Result<pb::ReleaseResponse, Status> {
         self.credit
             .clone()
-            .release(req(TENANT, pb::ReleaseRequest { reservation_id: reservation.into(), idempotency_key: key.into() }))
+            .release(req(
+                TENANT,
+                pb::ReleaseRequest { reservation_id: reservation.into(), idempotency_key: key.into() },
+            ))
             .await
             .map(|r| r.into_inner())
     }

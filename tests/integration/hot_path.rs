@@ -47,13 +47,12 @@ async fn reserve_commit_returns_the_rest_of_the_hold() {
 
     // The usage event is durable in PostgreSQL.
     let pg = app.backends.pg().await;
-    let stored: (String, String) = sqlx::query_as(
-        "SELECT account_id, amount::text FROM usage_events WHERE event_id = $1::uuid",
-    )
-    .bind(&c.event_id)
-    .fetch_one(&pg)
-    .await
-    .unwrap();
+    let stored: (String, String) =
+        sqlx::query_as("SELECT account_id, amount::text FROM usage_events WHERE event_id = $1::uuid")
+            .bind(&c.event_id)
+            .fetch_one(&pg)
+            .await
+            .unwrap();
     assert_eq!(stored.0, "alice");
     assert_eq!(stored.1, "10.250000");
 }
