@@ -476,7 +476,7 @@ impl PgStore {
             .fetch_one(&mut *tx)
             .await?;
         let remaining = credits(remaining)?;
-        let (entry_kind, update) = match kind {
+        let entry_kind = match kind {
             Forfeit::Void { reason, key, payload_hash } => {
                 sqlx::query(
                     "UPDATE grants SET voided_at = now(), void_reason = $2, void_key = $3, void_hash = $4 WHERE grant_id = $1",
@@ -487,17 +487,16 @@ impl PgStore {
                 .bind(payload_hash)
                 .execute(&mut *tx)
                 .await?;
-                ("void", ())
+                "void"
             }
             Forfeit::Expiry => {
                 sqlx::query("UPDATE grants SET expired_at = now() WHERE grant_id = $1")
                     .bind(grant_id)
                     .execute(&mut *tx)
                     .await?;
-                ("expiry", ())
+                "expiry"
             }
         };
-        let _ = update;
         let pending = if credited_at.is_some() && remaining > Credits::ZERO {
             Some(
                 insert_entry(
