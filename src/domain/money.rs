@@ -61,9 +61,8 @@ impl Credits {
     }
 
     /// Parses a request amount. Accepts `-?\d+(\.\d{1,6})?` (also `.5` and
-    /// `5.`), bounded by [`MAX_AMOUNT`] in absolute value.
+    /// `5.`), bounded by [`MAX_AMOUNT`] in absolute value. No whitespace.
     pub fn parse(text: &str) -> Result<Self, AmountError> {
-        let text = text.trim();
         if text.is_empty() {
             return Err(AmountError::Empty);
         }
@@ -99,10 +98,11 @@ impl Credits {
         Ok(Credits(if negative { -magnitude } else { magnitude }))
     }
 
-    /// Parses an amount that must be zero or more.
+    /// Parses an amount that must be zero or more (no sign at all: "-0"
+    /// is refused too).
     pub fn parse_non_negative(text: &str) -> Result<Self, AmountError> {
         let value = Self::parse(text)?;
-        if value.0 < 0 {
+        if text.starts_with('-') {
             return Err(AmountError::Negative);
         }
         Ok(value)
@@ -110,10 +110,7 @@ impl Credits {
 
     /// Parses an amount that must be more than zero.
     pub fn parse_positive(text: &str) -> Result<Self, AmountError> {
-        let value = Self::parse(text)?;
-        if value.0 < 0 {
-            return Err(AmountError::Negative);
-        }
+        let value = Self::parse_non_negative(text)?;
         if value.0 == 0 {
             return Err(AmountError::NotPositive);
         }
@@ -216,6 +213,8 @@ mod tests {
         assert_eq!(Credits::parse_positive("0"), Err(AmountError::NotPositive));
         assert_eq!(Credits::parse_positive("-1"), Err(AmountError::Negative));
         assert_eq!(Credits::parse_non_negative("-0.1"), Err(AmountError::Negative));
+        assert_eq!(Credits::parse_non_negative("-0"), Err(AmountError::Negative));
+        assert_eq!(Credits::parse(" 5"), Err(AmountError::Syntax));
         assert_eq!(Credits::parse_non_negative("0"), Ok(Credits::ZERO));
     }
 

@@ -14,7 +14,7 @@ use crate::{
     error::{Error, Reason, Result},
     store::{
         hot::AccountSettings,
-        pg::{AccountRow, AccountUpdate, Forfeit, GrantRow, PendingEntry, TenantRow},
+        pg::{AccountRow, AccountUpdate, Forfeit, Forfeited, GrantRow, PendingEntry, TenantRow},
     },
 };
 
@@ -69,8 +69,13 @@ impl Engine {
             created_at: Utc::now(),
         };
         // The hot state of a new tenant is empty: mark it loaded before the
-        // tenant becomes visible, so no replica ever sees it unloaded.
-        self.hot.init_tenant(&wanted.tenant_id).await.map_err(|e| self.hot_error(e))?;
+        // tenant becomes visible, so no replica ever sees it unloaded. An
+        // existing tenant's state is left alone (if Redis lost it, only a
+        // rebuild may restore it).
+        let exists = self.pg.tenant(&wanted.tenant_id).await?.is_some();
+        if !exists {
+            self.hot.init_tenant(&wanted.tenant_id).await.map_err(|e| self.hot_error(e))?;
+        }
         let (stored, created) = self.pg.create_tenant(&wanted).await?;
         let same = stored.display_name == wanted.display_name
             && stored.credit_value == wanted.credit_value
@@ -171,13 +176,6 @@ impl Engine {
 
     pub async fn create_grant(&self, tenant: &str, g: NewGrant) -> Result<GrantRow> {
         self.require_tenant(tenant).await?;
-        self.pg.account(tenant, &g.account_id).await?.ok_or_else(|| account_missing(&g.account_id))?;
-        let effective_at = g.effective_at.unwrap_or_else(Utc::now);
-        if let Some(expires_at) = g.expires_at
-            && expires_at <= effective_at
-        {
-            return Err(Error::invalid("expires_at", Reason::InvalidArgument, "must be after effective_at"));
-        }
         let priority = g.priority.unwrap_or_else(|| g.category.default_priority());
         let hash = payload_hash(&[
             "grant",
@@ -189,6 +187,20 @@ impl Engine {
             &g.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
             &g.description,
         ]);
+        // A replay is answered before any check that time may have changed.
+        if let Some(existing) = self.pg.grant_by_key(tenant, &g.idempotency_key).await? {
+            if existing.payload_hash != hash {
+                return Err(crate::store::hot::HotError::KeyReused.into());
+            }
+            return Ok(existing);
+        }
+        self.pg.account(tenant, &g.account_id).await?.ok_or_else(|| account_missing(&g.account_id))?;
+        let effective_at = g.effective_at.unwrap_or_else(Utc::now);
+        if let Some(expires_at) = g.expires_at
+            && expires_at <= effective_at
+        {
+            return Err(Error::invalid("expires_at", Reason::InvalidArgument, "must be after effective_at"));
+        }
         let balance = self.pg.ledger_balance(tenant, &g.account_id).await?;
         if balance.checked_add(g.amount).is_none_or(|b| b > MAX_BALANCE) {
             return Err(Error::invalid(
@@ -233,25 +245,25 @@ impl Engine {
     pub async fn void_grant(&self, tenant: &str, v: VoidInput) -> Result<GrantRow> {
         self.require_tenant(tenant).await?;
         let hash = payload_hash(&["void", &v.grant_id.to_string(), &v.reason]);
-        if let Some(previous) = self.pg.grant_by_void_key(tenant, &v.idempotency_key).await? {
-            if previous.grant_id == v.grant_id && previous.void_hash.as_deref() == Some(hash.as_str()) {
-                return Ok(previous);
-            }
-            return Err(crate::store::hot::HotError::KeyReused.into());
-        }
         self.pg.grant(tenant, v.grant_id).await?.ok_or_else(|| grant_missing(v.grant_id))?;
         let forfeit = Forfeit::Void { reason: &v.reason, key: &v.idempotency_key, payload_hash: &hash };
-        let Some((grant, pending)) = self.pg.forfeit(tenant, v.grant_id, forfeit).await? else {
-            return Err(Error::FailedPrecondition(
+        match self.pg.forfeit(tenant, v.grant_id, forfeit).await? {
+            Forfeited::Done(grant, pending) => {
+                if let Some(entry) = pending {
+                    self.apply_entry(&entry).await;
+                }
+                tracing::info!(tenant, grant = %grant.grant_id, forfeited = %grant.forfeited, "grant voided");
+                Ok(*grant)
+            }
+            Forfeited::KeyUsed { grant_id, payload_hash } if grant_id == v.grant_id && payload_hash == hash => {
+                self.pg.grant(tenant, grant_id).await?.ok_or_else(|| grant_missing(grant_id))
+            }
+            Forfeited::KeyUsed { .. } => Err(crate::store::hot::HotError::KeyReused.into()),
+            Forfeited::NotLive => Err(Error::FailedPrecondition(
                 Reason::GrantNotLive,
                 format!("grant {} is already voided or expired", v.grant_id),
-            ));
-        };
-        if let Some(entry) = pending {
-            self.apply_entry(&entry).await;
+            )),
         }
-        tracing::info!(tenant, grant = %grant.grant_id, forfeited = %grant.forfeited, "grant voided");
-        Ok(grant)
     }
 
     pub async fn get_grant(&self, tenant: &str, grant_id: Uuid) -> Result<GrantRow> {

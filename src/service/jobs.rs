@@ -21,7 +21,10 @@ use super::{Engine, admin::hot_settings};
 use crate::{
     domain::{Credits, period::current_period},
     error::Result,
-    store::{hot::AccountCounters, pg::Forfeit},
+    store::{
+        hot::AccountCounters,
+        pg::{Forfeit, Forfeited},
+    },
 };
 
 /// Job intervals.
@@ -147,7 +150,7 @@ impl Engine {
             self.apply_entry(&entry).await;
         }
         for (tenant, grant_id) in self.pg.expired_grants(500).await? {
-            if let Some((grant, Some(entry))) = self.pg.forfeit(&tenant, grant_id, Forfeit::Expiry).await? {
+            if let Forfeited::Done(grant, Some(entry)) = self.pg.forfeit(&tenant, grant_id, Forfeit::Expiry).await? {
                 tracing::info!(tenant = %tenant, grant = %grant.grant_id, forfeited = %grant.forfeited, "grant expired");
                 self.apply_entry(&entry).await;
             }

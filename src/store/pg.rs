@@ -448,17 +448,23 @@ impl PgStore {
     }
 
     /// Removes what is left of a live grant (void or expiry). Allocates the
-    /// tenant's pending usage first so the remainder is exact. Returns the
-    /// grant after the change and the ledger row to apply, or `Ok(None)`
-    /// when the grant is not live (already voided or expired).
-    pub async fn forfeit(
-        &self,
-        tenant: &str,
-        grant_id: Uuid,
-        kind: Forfeit<'_>,
-    ) -> PgResult<Option<(GrantRow, Option<PendingEntry>)>> {
+    /// tenant's pending usage first so the remainder is exact. Everything
+    /// runs under the tenant's ledger lock, so concurrent voids (and their
+    /// replays) are serialized.
+    pub async fn forfeit(&self, tenant: &str, grant_id: Uuid, kind: Forfeit<'_>) -> PgResult<Forfeited> {
         let mut tx = self.pool.begin().await?;
         lock_tenant_ledger(&mut tx, tenant).await?;
+        if let Forfeit::Void { key, .. } = &kind {
+            let used: Option<(Uuid, Option<String>)> =
+                sqlx::query_as("SELECT grant_id, void_hash FROM grants WHERE tenant_id = $1 AND void_key = $2")
+                    .bind(tenant)
+                    .bind(*key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some((grant_id, payload_hash)) = used {
+                return Ok(Forfeited::KeyUsed { grant_id, payload_hash: payload_hash.unwrap_or_default() });
+            }
+        }
         allocate_pending(&mut tx, tenant).await?;
         let live: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
             "SELECT account_id, credited_at FROM grants WHERE tenant_id = $1 AND grant_id = $2 \
@@ -469,7 +475,7 @@ impl PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((account_id, credited_at)) = live else {
-            return Ok(None);
+            return Ok(Forfeited::NotLive);
         };
         let remaining: Decimal = sqlx::query_scalar("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE grant_id = $1")
             .bind(grant_id)
@@ -514,16 +520,17 @@ impl PgStore {
         };
         tx.commit().await?;
         let row = self.grant(tenant, grant_id).await?.ok_or(PgError::Db(sqlx::Error::RowNotFound))?;
-        Ok(Some((row, pending)))
+        Ok(Forfeited::Done(Box::new(row), pending))
     }
 
-    /// The grant a void idempotency key was used for, if any.
-    pub async fn grant_by_void_key(&self, tenant: &str, key: &str) -> PgResult<Option<GrantRow>> {
-        let row = sqlx::query(AssertSqlSafe(format!("{GRANT_SELECT} WHERE g.tenant_id = $1 AND g.void_key = $2")))
-            .bind(tenant)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
+    /// The grant created with this idempotency key, if any.
+    pub async fn grant_by_key(&self, tenant: &str, key: &str) -> PgResult<Option<GrantRow>> {
+        let row =
+            sqlx::query(AssertSqlSafe(format!("{GRANT_SELECT} WHERE g.tenant_id = $1 AND g.idempotency_key = $2")))
+                .bind(tenant)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(grant_row).transpose()
     }
 
@@ -776,6 +783,18 @@ impl PgStore {
             .await?;
         credits(sum)
     }
+}
+
+/// The outcome of [`PgStore::forfeit`].
+pub enum Forfeited {
+    /// Done: the grant now, and the ledger row to apply (none when nothing
+    /// was left or the grant was never credited).
+    Done(Box<GrantRow>, Option<PendingEntry>),
+    /// The grant was already voided or expired.
+    NotLive,
+    /// The void's idempotency key was used before, for this grant and
+    /// payload or not.
+    KeyUsed { grant_id: Uuid, payload_hash: String },
 }
 
 /// Why a grant's remainder leaves the balance.

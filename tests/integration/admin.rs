@@ -236,7 +236,10 @@ async fn trees_are_bounded_and_listable() {
         let page = app
             .admin
             .clone()
-            .list_accounts(req(TENANT, pb::ListAccountsRequest { page_size: 3, page_token: token.clone(), ..Default::default() }))
+            .list_accounts(req(
+                TENANT,
+                pb::ListAccountsRequest { page_size: 3, page_token: token.clone(), ..Default::default() },
+            ))
             .await
             .unwrap()
             .into_inner();

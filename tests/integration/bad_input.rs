@@ -1,1 +1,1233 @@
-//! (being written)
+//! Malformed requests across CreditService and AdminService: each is refused
+//! with the documented code, ErrorInfo reason and (for INVALID_ARGUMENT) the
+//! field named in BadRequest, and none of them changes anything.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use creditd::pb::{self, GrantCategory};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+use crate::harness::{TENANT, TestApp, assert_status, req};
+
+const OTHER: &str = "other";
+
+/// A fresh idempotency key, so that no two rows could ever collide.
+fn key() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("bad-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn dur(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds, nanos })
+}
+
+fn ts(seconds: i64, nanos: i32) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds, nanos })
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn usage() -> pb::Usage {
+    pb::Usage {
+        items: vec![pb::UsageItem { meter: "input_tokens".into(), model: "gpt-x".into(), quantity: "1200".into() }],
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn many_labels(n: usize) -> std::collections::HashMap<String, String> {
+    (0..n).map(|i| (format!("k{i}"), "v".to_string())).collect()
+}
+
+fn authorize(account: &str, amount: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest { account_id: account.into(), cost: Some(pb::authorize_request::Cost::Amount(amount.into())) }
+}
+
+fn reserve(account: &str, amount: &str) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        account_id: account.into(),
+        cost: Some(pb::reserve_request::Cost::Amount(amount.into())),
+        idempotency_key: key(),
+        ..Default::default()
+    }
+}
+
+fn commit(reservation: &str, amount: &str) -> pb::CommitRequest {
+    pb::CommitRequest {
+        reservation_id: reservation.into(),
+        cost: Some(pb::commit_request::Cost::Amount(amount.into())),
+        idempotency_key: key(),
+        ..Default::default()
+    }
+}
+
+fn release(reservation: &str) -> pb::ReleaseRequest {
+    pb::ReleaseRequest { reservation_id: reservation.into(), idempotency_key: key() }
+}
+
+fn extend(reservation: &str, more: &str) -> pb::ExtendRequest {
+    pb::ExtendRequest {
+        reservation_id: reservation.into(),
+        more: Some(pb::extend_request::More::Amount(more.into())),
+        ttl: None,
+        idempotency_key: key(),
+    }
+}
+
+fn charge(account: &str, amount: &str) -> pb::ChargeRequest {
+    pb::ChargeRequest {
+        account_id: account.into(),
+        cost: Some(pb::charge_request::Cost::Amount(amount.into())),
+        idempotency_key: key(),
+        ..Default::default()
+    }
+}
+
+fn balance(account: &str) -> pb::GetBalanceRequest {
+    pb::GetBalanceRequest { account_id: account.into() }
+}
+
+fn create_account(id: &str, parent: &str) -> pb::CreateAccountRequest {
+    pb::CreateAccountRequest {
+        account_id: id.into(),
+        parent_id: parent.into(),
+        kind: pb::AccountKind::User as i32,
+        ..Default::default()
+    }
+}
+
+fn create_grant(account: &str, amount: &str) -> pb::CreateGrantRequest {
+    pb::CreateGrantRequest {
+        account_id: account.into(),
+        amount: amount.into(),
+        category: GrantCategory::Purchase as i32,
+        idempotency_key: key(),
+        ..Default::default()
+    }
+}
+
+fn void_grant(grant: &str, reason: &str) -> pb::VoidGrantRequest {
+    pb::VoidGrantRequest { grant_id: grant.into(), reason: reason.into(), idempotency_key: key() }
+}
+
+/// One RPC with its request.
+#[derive(Debug)]
+enum Call {
+    Authorize(pb::AuthorizeRequest),
+    Reserve(pb::ReserveRequest),
+    Commit(pb::CommitRequest),
+    Release(pb::ReleaseRequest),
+    Extend(pb::ExtendRequest),
+    Charge(pb::ChargeRequest),
+    GetBalance(pb::GetBalanceRequest),
+    CreateTenant(pb::CreateTenantRequest),
+    GetTenant(pb::GetTenantRequest),
+    CreateAccount(pb::CreateAccountRequest),
+    UpdateAccount(pb::UpdateAccountRequest),
+    GetAccount(pb::GetAccountRequest),
+    ListAccounts(pb::ListAccountsRequest),
+    CreateGrant(pb::CreateGrantRequest),
+    VoidGrant(pb::VoidGrantRequest),
+    GetGrant(pb::GetGrantRequest),
+    ListGrants(pb::ListGrantsRequest),
+}
+
+/// Sends `call` as `tenant` (no tenant metadata at all when `None`);
+/// returns the response, printed, when it succeeds.
+async fn send(app: &TestApp, tenant: Option<&str>, call: Call) -> Result<String, Status> {
+    fn wrap<T>(tenant: Option<&str>, message: T) -> Request<T> {
+        match tenant {
+            Some(tenant) => req(tenant, message),
+            None => Request::new(message),
+        }
+    }
+    fn show<T: std::fmt::Debug>(r: tonic::Response<T>) -> String {
+        format!("{:?}", r.into_inner())
+    }
+    let mut credit = app.credit.clone();
+    let mut admin = app.admin.clone();
+    let t = tenant;
+    match call {
+        Call::Authorize(m) => credit.authorize(wrap(t, m)).await.map(show),
+        Call::Reserve(m) => credit.reserve(wrap(t, m)).await.map(show),
+        Call::Commit(m) => credit.commit(wrap(t, m)).await.map(show),
+        Call::Release(m) => credit.release(wrap(t, m)).await.map(show),
+        Call::Extend(m) => credit.extend(wrap(t, m)).await.map(show),
+        Call::Charge(m) => credit.charge(wrap(t, m)).await.map(show),
+        Call::GetBalance(m) => credit.get_balance(wrap(t, m)).await.map(show),
+        Call::CreateTenant(m) => admin.create_tenant(wrap(t, m)).await.map(show),
+        Call::GetTenant(m) => admin.get_tenant(wrap(t, m)).await.map(show),
+        Call::CreateAccount(m) => admin.create_account(wrap(t, m)).await.map(show),
+        Call::UpdateAccount(m) => admin.update_account(wrap(t, m)).await.map(show),
+        Call::GetAccount(m) => admin.get_account(wrap(t, m)).await.map(show),
+        Call::ListAccounts(m) => admin.list_accounts(wrap(t, m)).await.map(show),
+        Call::CreateGrant(m) => admin.create_grant(wrap(t, m)).await.map(show),
+        Call::VoidGrant(m) => admin.void_grant(wrap(t, m)).await.map(show),
+        Call::GetGrant(m) => admin.get_grant(wrap(t, m)).await.map(show),
+        Call::ListGrants(m) => admin.list_grants(wrap(t, m)).await.map(show),
+    }
+}
+
+/// One row of the table: a call and the error it must get.
+struct Row {
+    name: &'static str,
+    tenant: Option<&'static str>,
+    call: Call,
+    code: Code,
+    reason: &'static str,
+    field: Option<&'static str>,
+}
+
+/// INVALID_ARGUMENT naming `field`, as tenant acme.
+fn invalid(name: &'static str, call: Call, reason: &'static str, field: &'static str) -> Row {
+    Row { name, tenant: Some(TENANT), call, code: Code::InvalidArgument, reason, field: Some(field) }
+}
+
+/// Any other error, as tenant acme.
+fn fails(name: &'static str, call: Call, code: Code, reason: &'static str) -> Row {
+    Row { name, tenant: Some(TENANT), call, code, reason, field: None }
+}
+
+impl Row {
+    fn sent_by(mut self, tenant: Option<&'static str>) -> Row {
+        self.tenant = tenant;
+        self
+    }
+}
+
+/// What the table must leave untouched.
+struct Fixture {
+    /// A live hold of alice (acme), 1h TTL.
+    hold: String,
+    /// A live hold of outsider (tenant other).
+    other_hold: String,
+    /// A live grant of bob (acme).
+    grant: String,
+    /// A live grant of outsider (tenant other).
+    other_grant: String,
+}
+
+/// acme: org (1000) ← alice (pool access), bob (own 100), a chain d1..d8
+/// (the deepest tree allowed). other: outsider (50). Each tenant has one
+/// live hold.
+async fn fixture() -> (TestApp, Fixture) {
+    let app = TestApp::spawn().await;
+    app.account("org", None, false, None).await;
+    app.account("alice", Some("org"), true, None).await;
+    app.account("bob", Some("org"), false, Some("500")).await;
+    app.grant("org", "1000", GrantCategory::Plan).await;
+    let grant = app.grant("bob", "100", GrantCategory::Plan).await.grant_id;
+    let mut parent: Option<String> = None;
+    for level in 1..=8 {
+        let id = format!("d{level}");
+        app.account(&id, parent.as_deref(), false, None).await;
+        parent = Some(id);
+    }
+    app.create_tenant(OTHER).await;
+    app.account_in(OTHER, "outsider", None, false, None).await;
+    let other_grant = app.grant_in(OTHER, "outsider", "50", GrantCategory::Plan).await.grant_id;
+
+    let hold = app.reserve_ttl("alice", "40", "setup-hold", Duration::from_secs(3600)).await;
+    assert!(hold.granted);
+    let other_hold = app
+        .credit
+        .clone()
+        .reserve(req(
+            OTHER,
+            pb::ReserveRequest { ttl: dur(3600, 0), idempotency_key: "setup-hold".into(), ..reserve("outsider", "5") },
+        ))
+        .await
+        .expect("reserve in other")
+        .into_inner();
+    assert!(other_hold.granted);
+    let fixture = Fixture { hold: hold.reservation_id, other_hold: other_hold.reservation_id, grant, other_grant };
+    (app, fixture)
+}
+
+fn table(f: &Fixture) -> Vec<Row> {
+    use Call::*;
+    let unknown_uuid = uuid::Uuid::now_v7().to_string();
+    let long_key = "k".repeat(129);
+    let long_id = "a".repeat(129);
+    let now = now_secs();
+    vec![
+        // ---- Reserve: amounts -------------------------------------------
+        invalid("reserve negative", Reserve(reserve("alice", "-5")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve 7 decimals", Reserve(reserve("alice", "0.0000001")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve exponent", Reserve(reserve("alice", "1e3")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve plus sign", Reserve(reserve("alice", "+1")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve NaN", Reserve(reserve("alice", "NaN")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve empty amount", Reserve(reserve("alice", "")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "reserve missing cost",
+            Reserve(pb::ReserveRequest { cost: None, ..reserve("alice", "1") }),
+            "INVALID_AMOUNT",
+            "amount",
+        ),
+        invalid("reserve above max", Reserve(reserve("alice", "1000000000.000001")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve far above max", Reserve(reserve("alice", "99999999999999999999")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve zero", Reserve(reserve("alice", "0")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve zero with decimals", Reserve(reserve("alice", "0.000000")), "INVALID_AMOUNT", "amount"),
+        // ---- Reserve: accounts, tenants ---------------------------------
+        fails("reserve unknown account", Reserve(reserve("ghost", "1")), Code::NotFound, "ACCOUNT_NOT_FOUND"),
+        fails(
+            "reserve another tenant's account",
+            Reserve(reserve("outsider", "1")),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails("reserve acme's account as other", Reserve(reserve("alice", "1")), Code::NotFound, "ACCOUNT_NOT_FOUND")
+            .sent_by(Some(OTHER)),
+        invalid("reserve account with space", Reserve(reserve("a b", "1")), "INVALID_ACCOUNT_ID", "account_id"),
+        invalid("reserve account with braces", Reserve(reserve("{x}", "1")), "INVALID_ACCOUNT_ID", "account_id"),
+        invalid("reserve empty account", Reserve(reserve("", "1")), "INVALID_ACCOUNT_ID", "account_id"),
+        invalid("reserve account too long", Reserve(reserve(&long_id, "1")), "INVALID_ACCOUNT_ID", "account_id"),
+        fails("reserve unknown tenant", Reserve(reserve("alice", "1")), Code::NotFound, "TENANT_NOT_FOUND")
+            .sent_by(Some("nosuch")),
+        fails("reserve no tenant header", Reserve(reserve("alice", "1")), Code::Unauthenticated, "UNAUTHENTICATED")
+            .sent_by(None),
+        fails(
+            "reserve malformed tenant header",
+            Reserve(reserve("alice", "1")),
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        )
+        .sent_by(Some("{acme}")),
+        // ---- Reserve: ttl -----------------------------------------------
+        invalid(
+            "reserve ttl above 1h",
+            Reserve(pb::ReserveRequest { ttl: dur(3601, 0), ..reserve("alice", "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        invalid(
+            "reserve ttl below min",
+            Reserve(pb::ReserveRequest { ttl: dur(0, 50_000_000), ..reserve("alice", "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        invalid(
+            "reserve ttl zero",
+            Reserve(pb::ReserveRequest { ttl: dur(0, 0), ..reserve("alice", "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        invalid(
+            "reserve ttl negative",
+            Reserve(pb::ReserveRequest { ttl: dur(-1, 0), ..reserve("alice", "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        invalid(
+            "reserve ttl negative nanos",
+            Reserve(pb::ReserveRequest { ttl: dur(5, -1), ..reserve("alice", "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        // ---- Reserve: idempotency keys, labels, usage --------------------
+        invalid(
+            "reserve empty key",
+            Reserve(pb::ReserveRequest { idempotency_key: String::new(), ..reserve("alice", "1") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid(
+            "reserve key with space",
+            Reserve(pb::ReserveRequest { idempotency_key: "run 1".into(), ..reserve("alice", "1") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid(
+            "reserve key too long",
+            Reserve(pb::ReserveRequest { idempotency_key: long_key.clone(), ..reserve("alice", "1") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid(
+            "reserve key not ascii",
+            Reserve(pb::ReserveRequest { idempotency_key: "clé".into(), ..reserve("alice", "1") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid(
+            "reserve label key with space",
+            Reserve(pb::ReserveRequest { labels: labels(&[("bad key", "v")]), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        invalid(
+            "reserve label key with colon",
+            Reserve(pb::ReserveRequest { labels: labels(&[("a:b", "v")]), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        invalid(
+            "reserve empty label key",
+            Reserve(pb::ReserveRequest { labels: labels(&[("", "v")]), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        invalid(
+            "reserve label key too long",
+            Reserve(pb::ReserveRequest { labels: labels(&[(&"k".repeat(65), "v")]), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        invalid(
+            "reserve label value too long",
+            Reserve(pb::ReserveRequest { labels: labels(&[("k", &"v".repeat(257))]), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        invalid(
+            "reserve 17 labels",
+            Reserve(pb::ReserveRequest { labels: many_labels(17), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        fails(
+            "reserve usage",
+            Reserve(pb::ReserveRequest {
+                cost: Some(pb::reserve_request::Cost::Usage(usage())),
+                ..reserve("alice", "1")
+            }),
+            Code::Unimplemented,
+            "RATING_UNAVAILABLE",
+        ),
+        // ---- Authorize ---------------------------------------------------
+        invalid("authorize zero", Authorize(authorize("alice", "0")), "INVALID_AMOUNT", "amount"),
+        invalid("authorize negative", Authorize(authorize("alice", "-1")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "authorize missing cost",
+            Authorize(pb::AuthorizeRequest { account_id: "alice".into(), cost: None }),
+            "INVALID_AMOUNT",
+            "amount",
+        ),
+        invalid("authorize bad account", Authorize(authorize("a b", "1")), "INVALID_ACCOUNT_ID", "account_id"),
+        fails("authorize unknown account", Authorize(authorize("ghost", "1")), Code::NotFound, "ACCOUNT_NOT_FOUND"),
+        fails(
+            "authorize usage",
+            Authorize(pb::AuthorizeRequest {
+                account_id: "alice".into(),
+                cost: Some(pb::authorize_request::Cost::Usage(usage())),
+            }),
+            Code::Unimplemented,
+            "RATING_UNAVAILABLE",
+        ),
+        // ---- Commit (of the live hold unless said otherwise) ------------
+        invalid("commit negative", Commit(commit(&f.hold, "-1")), "INVALID_AMOUNT", "amount"),
+        invalid("commit 7 decimals", Commit(commit(&f.hold, "1.0000001")), "INVALID_AMOUNT", "amount"),
+        invalid("commit exponent", Commit(commit(&f.hold, "1e3")), "INVALID_AMOUNT", "amount"),
+        invalid("commit empty amount", Commit(commit(&f.hold, "")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "commit missing cost",
+            Commit(pb::CommitRequest { cost: None, ..commit(&f.hold, "1") }),
+            "INVALID_AMOUNT",
+            "amount",
+        ),
+        invalid("commit above max", Commit(commit(&f.hold, "1000000001")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "commit reservation not a uuid",
+            Commit(commit("not-a-uuid", "1")),
+            "INVALID_RESERVATION_ID",
+            "reservation_id",
+        ),
+        invalid("commit empty reservation", Commit(commit("", "1")), "INVALID_RESERVATION_ID", "reservation_id"),
+        fails(
+            "commit unknown reservation",
+            Commit(commit(&unknown_uuid, "1")),
+            Code::NotFound,
+            "RESERVATION_NOT_FOUND",
+        ),
+        fails(
+            "commit another tenant's reservation",
+            Commit(commit(&f.other_hold, "1")),
+            Code::NotFound,
+            "RESERVATION_NOT_FOUND",
+        ),
+        fails(
+            "commit acme's reservation as other",
+            Commit(commit(&f.hold, "1")),
+            Code::NotFound,
+            "RESERVATION_NOT_FOUND",
+        )
+        .sent_by(Some(OTHER)),
+        invalid(
+            "commit empty key",
+            Commit(pb::CommitRequest { idempotency_key: String::new(), ..commit(&f.hold, "1") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid(
+            "commit 17 labels",
+            Commit(pb::CommitRequest { labels: many_labels(17), ..commit(&f.hold, "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        fails(
+            "commit usage",
+            Commit(pb::CommitRequest { cost: Some(pb::commit_request::Cost::Usage(usage())), ..commit(&f.hold, "1") }),
+            Code::Unimplemented,
+            "RATING_UNAVAILABLE",
+        ),
+        fails("commit unknown tenant", Commit(commit(&f.hold, "1")), Code::NotFound, "TENANT_NOT_FOUND")
+            .sent_by(Some("nosuch")),
+        // ---- Release -----------------------------------------------------
+        invalid("release reservation not a uuid", Release(release("xyz")), "INVALID_RESERVATION_ID", "reservation_id"),
+        invalid(
+            "release key too long",
+            Release(pb::ReleaseRequest { idempotency_key: long_key.clone(), ..release(&f.hold) }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid(
+            "release empty key",
+            Release(pb::ReleaseRequest { idempotency_key: String::new(), ..release(&f.hold) }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        fails("release unknown reservation", Release(release(&unknown_uuid)), Code::NotFound, "RESERVATION_NOT_FOUND"),
+        fails(
+            "release another tenant's reservation",
+            Release(release(&f.other_hold)),
+            Code::NotFound,
+            "RESERVATION_NOT_FOUND",
+        ),
+        fails("release no tenant header", Release(release(&f.hold)), Code::Unauthenticated, "UNAUTHENTICATED")
+            .sent_by(None),
+        // ---- Extend ------------------------------------------------------
+        invalid(
+            "extend ttl above 1h",
+            Extend(pb::ExtendRequest { ttl: dur(7200, 0), ..extend(&f.hold, "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        invalid(
+            "extend ttl below min",
+            Extend(pb::ExtendRequest { ttl: dur(0, 50_000_000), ..extend(&f.hold, "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        invalid(
+            "extend ttl negative",
+            Extend(pb::ExtendRequest { ttl: dur(-30, 0), ..extend(&f.hold, "1") }),
+            "INVALID_TTL",
+            "ttl",
+        ),
+        invalid("extend negative", Extend(extend(&f.hold, "-1")), "INVALID_AMOUNT", "amount"),
+        invalid("extend 7 decimals", Extend(extend(&f.hold, "0.1234567")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "extend missing amount",
+            Extend(pb::ExtendRequest { more: None, ..extend(&f.hold, "1") }),
+            "INVALID_AMOUNT",
+            "amount",
+        ),
+        invalid(
+            "extend reservation not a uuid",
+            Extend(extend("123", "1")),
+            "INVALID_RESERVATION_ID",
+            "reservation_id",
+        ),
+        invalid(
+            "extend key with space",
+            Extend(pb::ExtendRequest { idempotency_key: "a b".into(), ..extend(&f.hold, "1") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        fails(
+            "extend unknown reservation",
+            Extend(extend(&unknown_uuid, "1")),
+            Code::NotFound,
+            "RESERVATION_NOT_FOUND",
+        ),
+        fails(
+            "extend usage",
+            Extend(pb::ExtendRequest { more: Some(pb::extend_request::More::Usage(usage())), ..extend(&f.hold, "1") }),
+            Code::Unimplemented,
+            "RATING_UNAVAILABLE",
+        ),
+        // ---- Charge ------------------------------------------------------
+        invalid("charge negative", Charge(charge("alice", "-0.5")), "INVALID_AMOUNT", "amount"),
+        invalid("charge 7 decimals", Charge(charge("alice", "0.1234567")), "INVALID_AMOUNT", "amount"),
+        invalid("charge exponent", Charge(charge("alice", "2E2")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "charge missing cost",
+            Charge(pb::ChargeRequest { cost: None, ..charge("alice", "1") }),
+            "INVALID_AMOUNT",
+            "amount",
+        ),
+        invalid("charge above max", Charge(charge("alice", "1000000000.5")), "INVALID_AMOUNT", "amount"),
+        fails("charge unknown account", Charge(charge("ghost", "1")), Code::NotFound, "ACCOUNT_NOT_FOUND"),
+        fails("charge another tenant's account", Charge(charge("outsider", "1")), Code::NotFound, "ACCOUNT_NOT_FOUND"),
+        fails("charge acme's account as other", Charge(charge("bob", "1")), Code::NotFound, "ACCOUNT_NOT_FOUND")
+            .sent_by(Some(OTHER)),
+        invalid("charge account with braces", Charge(charge("{x}", "1")), "INVALID_ACCOUNT_ID", "account_id"),
+        invalid(
+            "charge empty key",
+            Charge(pb::ChargeRequest { idempotency_key: String::new(), ..charge("alice", "1") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid(
+            "charge bad label key",
+            Charge(pb::ChargeRequest { labels: labels(&[("{x}", "v")]), ..charge("alice", "1") }),
+            "INVALID_LABELS",
+            "labels",
+        ),
+        fails(
+            "charge usage",
+            Charge(pb::ChargeRequest { cost: Some(pb::charge_request::Cost::Usage(usage())), ..charge("alice", "1") }),
+            Code::Unimplemented,
+            "RATING_UNAVAILABLE",
+        ),
+        // ---- GetBalance --------------------------------------------------
+        invalid("balance account with space", GetBalance(balance("a b")), "INVALID_ACCOUNT_ID", "account_id"),
+        fails("balance unknown account", GetBalance(balance("ghost")), Code::NotFound, "ACCOUNT_NOT_FOUND"),
+        fails("balance another tenant's account", GetBalance(balance("outsider")), Code::NotFound, "ACCOUNT_NOT_FOUND"),
+        fails("balance acme's account as other", GetBalance(balance("org")), Code::NotFound, "ACCOUNT_NOT_FOUND")
+            .sent_by(Some(OTHER)),
+        fails("balance unknown tenant", GetBalance(balance("org")), Code::NotFound, "TENANT_NOT_FOUND")
+            .sent_by(Some("nosuch")),
+        // ---- CreateTenant, GetTenant -------------------------------------
+        invalid(
+            "create tenant empty id",
+            CreateTenant(pb::CreateTenantRequest::default()),
+            "INVALID_TENANT_ID",
+            "tenant_id",
+        ),
+        invalid(
+            "create tenant id with space",
+            CreateTenant(pb::CreateTenantRequest { tenant_id: "new tenant".into(), ..Default::default() }),
+            "INVALID_TENANT_ID",
+            "tenant_id",
+        ),
+        invalid(
+            "create tenant lowercase currency",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: "new1".into(),
+                currency: "usd".into(),
+                ..Default::default()
+            }),
+            "INVALID_ARGUMENT",
+            "currency",
+        ),
+        invalid(
+            "create tenant zero credit value",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: "new2".into(),
+                credit_value: "0".into(),
+                ..Default::default()
+            }),
+            "INVALID_AMOUNT",
+            "credit_value",
+        ),
+        invalid(
+            "create tenant exponent credit value",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: "new3".into(),
+                credit_value: "1e-2".into(),
+                ..Default::default()
+            }),
+            "INVALID_AMOUNT",
+            "credit_value",
+        ),
+        invalid(
+            "create tenant zone with space",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: "new4".into(),
+                time_zone: "Europe/ Paris".into(),
+                ..Default::default()
+            }),
+            "INVALID_ARGUMENT",
+            "time_zone",
+        ),
+        fails(
+            "get unknown tenant",
+            GetTenant(pb::GetTenantRequest { tenant_id: "nosuch".into() }),
+            Code::NotFound,
+            "TENANT_NOT_FOUND",
+        ),
+        // ---- CreateAccount, UpdateAccount, GetAccount, ListAccounts ------
+        invalid(
+            "create account id with braces",
+            CreateAccount(create_account("{x}", "")),
+            "INVALID_ACCOUNT_ID",
+            "account_id",
+        ),
+        invalid(
+            "create account id with space",
+            CreateAccount(create_account("a b", "")),
+            "INVALID_ACCOUNT_ID",
+            "account_id",
+        ),
+        invalid("create account empty id", CreateAccount(create_account("", "")), "INVALID_ACCOUNT_ID", "account_id"),
+        invalid(
+            "create account bad parent id",
+            CreateAccount(create_account("new-a", "p q")),
+            "INVALID_ACCOUNT_ID",
+            "parent_id",
+        ),
+        fails(
+            "create account unknown parent",
+            CreateAccount(create_account("new-b", "ghost")),
+            Code::NotFound,
+            "PARENT_NOT_FOUND",
+        ),
+        fails(
+            "create account under another tenant's account",
+            CreateAccount(create_account("new-c", "outsider")),
+            Code::NotFound,
+            "PARENT_NOT_FOUND",
+        ),
+        fails(
+            "create account under acme's account as other",
+            CreateAccount(create_account("new-d", "org")),
+            Code::NotFound,
+            "PARENT_NOT_FOUND",
+        )
+        .sent_by(Some(OTHER)),
+        invalid(
+            "create account negative cap",
+            CreateAccount(pb::CreateAccountRequest { cap: "-1".into(), ..create_account("new-e", "org") }),
+            "INVALID_AMOUNT",
+            "cap",
+        ),
+        invalid(
+            "create account zero cap",
+            CreateAccount(pb::CreateAccountRequest { cap: "0".into(), ..create_account("new-f", "org") }),
+            "INVALID_AMOUNT",
+            "cap",
+        ),
+        invalid(
+            "create account unknown kind",
+            CreateAccount(pb::CreateAccountRequest { kind: 99, ..create_account("new-g", "org") }),
+            "INVALID_ARGUMENT",
+            "kind",
+        ),
+        invalid("create account too deep", CreateAccount(create_account("d9", "d8")), "TREE_TOO_DEEP", "parent_id"),
+        fails(
+            "create account unknown tenant",
+            CreateAccount(create_account("new-h", "")),
+            Code::NotFound,
+            "TENANT_NOT_FOUND",
+        )
+        .sent_by(Some("nosuch")),
+        fails(
+            "create account no tenant header",
+            CreateAccount(create_account("new-i", "")),
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        )
+        .sent_by(None),
+        fails(
+            "update unknown account",
+            UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "ghost".into(),
+                suspended: Some(true),
+                ..Default::default()
+            }),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails(
+            "suspend another tenant's account",
+            UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "outsider".into(),
+                suspended: Some(true),
+                ..Default::default()
+            }),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        invalid(
+            "update cap exponent",
+            UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "bob".into(),
+                cap: Some("1e3".into()),
+                suspended: Some(true),
+                ..Default::default()
+            }),
+            "INVALID_AMOUNT",
+            "cap",
+        ),
+        invalid(
+            "update cap zero",
+            UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "bob".into(),
+                cap: Some("0".into()),
+                ..Default::default()
+            }),
+            "INVALID_AMOUNT",
+            "cap",
+        ),
+        fails(
+            "get another tenant's account",
+            GetAccount(pb::GetAccountRequest { account_id: "outsider".into() }),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        invalid(
+            "get account bad id",
+            GetAccount(pb::GetAccountRequest { account_id: "{x}".into() }),
+            "INVALID_ACCOUNT_ID",
+            "account_id",
+        ),
+        invalid(
+            "list accounts page size too big",
+            ListAccounts(pb::ListAccountsRequest { page_size: 1001, ..Default::default() }),
+            "INVALID_ARGUMENT",
+            "page_size",
+        ),
+        invalid(
+            "list accounts negative page size",
+            ListAccounts(pb::ListAccountsRequest { page_size: -1, ..Default::default() }),
+            "INVALID_ARGUMENT",
+            "page_size",
+        ),
+        // ---- CreateGrant -------------------------------------------------
+        invalid(
+            "grant category unspecified",
+            CreateGrant(pb::CreateGrantRequest {
+                category: GrantCategory::Unspecified as i32,
+                ..create_grant("bob", "10")
+            }),
+            "INVALID_ARGUMENT",
+            "category",
+        ),
+        invalid(
+            "grant unknown category",
+            CreateGrant(pb::CreateGrantRequest { category: 42, ..create_grant("bob", "10") }),
+            "INVALID_ARGUMENT",
+            "category",
+        ),
+        invalid("grant zero", CreateGrant(create_grant("bob", "0")), "INVALID_AMOUNT", "amount"),
+        invalid("grant negative", CreateGrant(create_grant("bob", "-10")), "INVALID_AMOUNT", "amount"),
+        invalid("grant empty amount", CreateGrant(create_grant("bob", "")), "INVALID_AMOUNT", "amount"),
+        invalid("grant 7 decimals", CreateGrant(create_grant("bob", "10.0000001")), "INVALID_AMOUNT", "amount"),
+        invalid("grant exponent", CreateGrant(create_grant("bob", "1e3")), "INVALID_AMOUNT", "amount"),
+        invalid("grant above max", CreateGrant(create_grant("bob", "1000000000.000001")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "grant expires before effective",
+            CreateGrant(pb::CreateGrantRequest {
+                effective_at: ts(now + 86_400, 0),
+                expires_at: ts(now + 3_600, 0),
+                ..create_grant("bob", "10")
+            }),
+            "INVALID_ARGUMENT",
+            "expires_at",
+        ),
+        invalid(
+            "grant expires at effective",
+            CreateGrant(pb::CreateGrantRequest {
+                effective_at: ts(now + 86_400, 0),
+                expires_at: ts(now + 86_400, 0),
+                ..create_grant("bob", "10")
+            }),
+            "INVALID_ARGUMENT",
+            "expires_at",
+        ),
+        invalid(
+            "grant already expired",
+            CreateGrant(pb::CreateGrantRequest { expires_at: ts(now - 60, 0), ..create_grant("bob", "10") }),
+            "INVALID_ARGUMENT",
+            "expires_at",
+        ),
+        invalid(
+            "grant effective nanos out of range",
+            CreateGrant(pb::CreateGrantRequest { effective_at: ts(now, 1_000_000_000), ..create_grant("bob", "10") }),
+            "INVALID_ARGUMENT",
+            "effective_at",
+        ),
+        invalid(
+            "grant description too long",
+            CreateGrant(pb::CreateGrantRequest { description: "d".repeat(513), ..create_grant("bob", "10") }),
+            "INVALID_ARGUMENT",
+            "description",
+        ),
+        invalid(
+            "grant empty key",
+            CreateGrant(pb::CreateGrantRequest { idempotency_key: String::new(), ..create_grant("bob", "10") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        invalid("grant bad account", CreateGrant(create_grant("a b", "10")), "INVALID_ACCOUNT_ID", "account_id"),
+        fails("grant unknown account", CreateGrant(create_grant("ghost", "10")), Code::NotFound, "ACCOUNT_NOT_FOUND"),
+        fails(
+            "grant to another tenant's account",
+            CreateGrant(create_grant("outsider", "10")),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails(
+            "grant to acme's account as other",
+            CreateGrant(create_grant("bob", "10")),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        )
+        .sent_by(Some(OTHER)),
+        // ---- VoidGrant, GetGrant, ListGrants -----------------------------
+        invalid("void empty reason", VoidGrant(void_grant(&f.grant, "")), "INVALID_ARGUMENT", "reason"),
+        invalid("void blank reason", VoidGrant(void_grant(&f.grant, "   ")), "INVALID_ARGUMENT", "reason"),
+        invalid(
+            "void reason too long",
+            VoidGrant(void_grant(&f.grant, &"r".repeat(513))),
+            "INVALID_ARGUMENT",
+            "reason",
+        ),
+        invalid("void grant not a uuid", VoidGrant(void_grant("nope", "test")), "INVALID_GRANT_ID", "grant_id"),
+        invalid("void empty grant id", VoidGrant(void_grant("", "test")), "INVALID_GRANT_ID", "grant_id"),
+        invalid(
+            "void empty key",
+            VoidGrant(pb::VoidGrantRequest { idempotency_key: String::new(), ..void_grant(&f.grant, "test") }),
+            "INVALID_IDEMPOTENCY_KEY",
+            "idempotency_key",
+        ),
+        fails("void unknown grant", VoidGrant(void_grant(&unknown_uuid, "test")), Code::NotFound, "GRANT_NOT_FOUND"),
+        fails(
+            "void another tenant's grant",
+            VoidGrant(void_grant(&f.other_grant, "test")),
+            Code::NotFound,
+            "GRANT_NOT_FOUND",
+        ),
+        fails("void acme's grant as other", VoidGrant(void_grant(&f.grant, "test")), Code::NotFound, "GRANT_NOT_FOUND")
+            .sent_by(Some(OTHER)),
+        invalid(
+            "get grant not a uuid",
+            GetGrant(pb::GetGrantRequest { grant_id: "g-1".into() }),
+            "INVALID_GRANT_ID",
+            "grant_id",
+        ),
+        fails(
+            "get another tenant's grant",
+            GetGrant(pb::GetGrantRequest { grant_id: f.other_grant.clone() }),
+            Code::NotFound,
+            "GRANT_NOT_FOUND",
+        ),
+        fails(
+            "list grants of unknown account",
+            ListGrants(pb::ListGrantsRequest { account_id: "ghost".into(), include_inactive: true }),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails(
+            "list grants of acme's account as other",
+            ListGrants(pb::ListGrantsRequest { account_id: "bob".into(), include_inactive: true }),
+            Code::NotFound,
+            "ACCOUNT_NOT_FOUND",
+        )
+        .sent_by(Some(OTHER)),
+        invalid(
+            "list grants bad account",
+            ListGrants(pb::ListGrantsRequest { account_id: "a b".into(), include_inactive: false }),
+            "INVALID_ACCOUNT_ID",
+            "account_id",
+        ),
+    ]
+}
+
+/// Everything a refused call could have changed.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    balances: Vec<(&'static str, pb::GetBalanceResponse)>,
+    grants: Vec<(&'static str, Vec<pb::Grant>)>,
+    accounts: Vec<(&'static str, Vec<pb::Account>)>,
+    tenants: Vec<String>,
+    usage_events: i64,
+    ledger_rows: i64,
+    idempotency_records: usize,
+}
+
+const ACME_ACCOUNTS: [&str; 5] = ["org", "alice", "bob", "d1", "d8"];
+
+async fn snapshot(app: &TestApp) -> Snapshot {
+    let mut balances = Vec::new();
+    let mut grants = Vec::new();
+    let accounts_of = ACME_ACCOUNTS.iter().map(|a| (TENANT, *a)).chain([(OTHER, "outsider")]);
+    for (tenant, account) in accounts_of {
+        balances.push((account, app.balance_in(tenant, account).await));
+        let listed = app
+            .admin
+            .clone()
+            .list_grants(req(tenant, pb::ListGrantsRequest { account_id: account.into(), include_inactive: true }))
+            .await
+            .expect("list grants")
+            .into_inner()
+            .grants;
+        grants.push((account, listed));
+    }
+    let mut accounts = Vec::new();
+    for tenant in [TENANT, OTHER] {
+        let listed = app
+            .admin
+            .clone()
+            .list_accounts(req(tenant, pb::ListAccountsRequest { page_size: 1000, ..Default::default() }))
+            .await
+            .expect("list accounts")
+            .into_inner()
+            .accounts;
+        accounts.push((tenant, listed));
+    }
+    let pg = app.backends.pg().await;
+    let tenants: Vec<String> =
+        sqlx::query_scalar("SELECT tenant_id FROM tenants ORDER BY tenant_id").fetch_all(&pg).await.unwrap();
+    let usage_events: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events").fetch_one(&pg).await.unwrap();
+    let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(&pg).await.unwrap();
+    pg.close().await;
+    let idempotency_records = redis_keys(app, &format!("{}*:i:*", app.backends.key_prefix)).await.len();
+    Snapshot { balances, grants, accounts, tenants, usage_events, ledger_rows, idempotency_records }
+}
+
+async fn redis_keys(app: &TestApp, pattern: &str) -> Vec<String> {
+    let mut redis = app.backends.redis().await;
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await
+            .expect("scan");
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(text) => *text,
+        Err(panic) => panic.downcast_ref::<&str>().map(|s| s.to_string()).unwrap_or_else(|| "panic".into()),
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_and_change_nothing() {
+    let (app, f) = fixture().await;
+    let rows = table(&f);
+    assert!(rows.len() >= 40, "the table has {} rows", rows.len());
+    let before = snapshot(&app).await;
+
+    let mut failures = Vec::new();
+    let total = rows.len();
+    for row in rows {
+        let Row { name, tenant, call, code, reason, field } = row;
+        let described = format!("{call:?}");
+        match send(&app, tenant, call).await {
+            Ok(response) => {
+                failures.push(format!("{name}: expected {code:?} {reason}, got OK {response} for {described}"))
+            }
+            Err(status) => {
+                let checked =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| assert_status(&status, code, reason, field)));
+                if let Err(panic) = checked {
+                    failures.push(format!("{name}: {}", panic_text(panic)));
+                }
+            }
+        }
+    }
+    let after = snapshot(&app).await;
+    let changed = if before == after { "nothing changed" } else { "and the state CHANGED" };
+    assert!(failures.is_empty(), "{} of {total} rows failed, {changed}:\n{}", failures.len(), failures.join("\n"));
+
+    assert_eq!(before.tenants, after.tenants, "no tenant was created");
+    assert_eq!(before.accounts, after.accounts, "no account was created or changed");
+    assert_eq!(before.balances, after.balances, "no balance changed");
+    assert_eq!(before.grants, after.grants, "no grant was created or changed");
+    assert_eq!(before, after);
+
+    // The holds the table aimed at are intact and settle normally.
+    let c = app.commit(&f.hold, "15", "after-table").await.unwrap();
+    assert_eq!((c.amount.as_str(), c.released.as_str(), c.available.as_str()), ("15", "25", "985"));
+}
+
+/// Zero is not an amount to reserve, authorize or grant; it is a valid
+/// actual cost (Commit, Charge) and a valid extension ("only push the expiry").
+#[tokio::test]
+async fn zero_is_refused_where_a_positive_amount_is_required() {
+    let (app, f) = fixture().await;
+    let e = app.reserve("alice", "0", "z-r").await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "INVALID_AMOUNT", Some("amount"));
+    let e = send(&app, Some(TENANT), Call::Authorize(authorize("alice", "0"))).await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "INVALID_AMOUNT", Some("amount"));
+    let e = send(&app, Some(TENANT), Call::CreateGrant(create_grant("bob", "0"))).await.unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "INVALID_AMOUNT", Some("amount"));
+    assert_eq!(app.available("alice").await, "960");
+
+    // The largest accepted amount is accepted (and simply not affordable).
+    let max = app
+        .credit
+        .clone()
+        .authorize(req(TENANT, authorize("alice", "1000000000")))
+        .await
+        .expect("1000000000 is a valid amount")
+        .into_inner();
+    assert!(!max.granted);
+
+    let extended = app
+        .credit
+        .clone()
+        .extend(req(TENANT, pb::ExtendRequest { ttl: dur(3600, 0), ..extend(&f.hold, "0") }))
+        .await
+        .expect("extend by 0")
+        .into_inner();
+    assert!(extended.granted);
+    assert_eq!(extended.amount, "40");
+
+    let charged = app.charge("alice", "0", "z-charge").await.expect("charge 0");
+    assert_eq!((charged.amount.as_str(), charged.overdraft.as_str()), ("0", "0"));
+    let committed = app.commit(&f.hold, "0", "z-commit").await.expect("commit 0");
+    assert_eq!((committed.amount.as_str(), committed.released.as_str()), ("0", "40"));
+    assert_eq!(committed.available, "1000");
+    let b = app.balance("alice").await;
+    assert_eq!(b.available, "1000");
+    assert_eq!(b.levels[0].cap_used, "0");
+}
+
+/// Another tenant's account, grant or reservation is answered exactly like
+/// one that does not exist: nothing tells a caller it is there.
+#[tokio::test]
+async fn another_tenants_things_look_like_missing_ones() {
+    let (app, f) = fixture().await;
+    let missing_uuid = uuid::Uuid::now_v7().to_string();
+    // (tenant asking, call on the other tenant's thing, its id, the same
+    // call on a thing that does not exist, that id)
+    type Probe = (&'static str, Call, String, Call, String);
+    let probes: Vec<Probe> = vec![
+        (OTHER, Call::GetBalance(balance("alice")), "alice".into(), Call::GetBalance(balance("ghost")), "ghost".into()),
+        (
+            TENANT,
+            Call::GetBalance(balance("outsider")),
+            "outsider".into(),
+            Call::GetBalance(balance("ghost")),
+            "ghost".into(),
+        ),
+        (
+            OTHER,
+            Call::GetAccount(pb::GetAccountRequest { account_id: "bob".into() }),
+            "bob".into(),
+            Call::GetAccount(pb::GetAccountRequest { account_id: "ghost".into() }),
+            "ghost".into(),
+        ),
+        (
+            OTHER,
+            Call::ListGrants(pb::ListGrantsRequest { account_id: "bob".into(), include_inactive: true }),
+            "bob".into(),
+            Call::ListGrants(pb::ListGrantsRequest { account_id: "ghost".into(), include_inactive: true }),
+            "ghost".into(),
+        ),
+        (OTHER, Call::Reserve(reserve("bob", "1")), "bob".into(), Call::Reserve(reserve("ghost", "1")), "ghost".into()),
+        (OTHER, Call::Charge(charge("bob", "1")), "bob".into(), Call::Charge(charge("ghost", "1")), "ghost".into()),
+        (
+            OTHER,
+            Call::Authorize(authorize("bob", "1")),
+            "bob".into(),
+            Call::Authorize(authorize("ghost", "1")),
+            "ghost".into(),
+        ),
+        (
+            OTHER,
+            Call::CreateGrant(create_grant("bob", "1")),
+            "bob".into(),
+            Call::CreateGrant(create_grant("ghost", "1")),
+            "ghost".into(),
+        ),
+        (
+            OTHER,
+            Call::CreateAccount(create_account("kid", "org")),
+            "org".into(),
+            Call::CreateAccount(create_account("kid", "ghost")),
+            "ghost".into(),
+        ),
+        (
+            OTHER,
+            Call::UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "bob".into(),
+                suspended: Some(true),
+                ..Default::default()
+            }),
+            "bob".into(),
+            Call::UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "ghost".into(),
+                suspended: Some(true),
+                ..Default::default()
+            }),
+            "ghost".into(),
+        ),
+        (
+            OTHER,
+            Call::GetGrant(pb::GetGrantRequest { grant_id: f.grant.clone() }),
+            f.grant.clone(),
+            Call::GetGrant(pb::GetGrantRequest { grant_id: missing_uuid.clone() }),
+            missing_uuid.clone(),
+        ),
+        (
+            OTHER,
+            Call::VoidGrant(void_grant(&f.grant, "x")),
+            f.grant.clone(),
+            Call::VoidGrant(void_grant(&missing_uuid, "x")),
+            missing_uuid.clone(),
+        ),
+        (
+            OTHER,
+            Call::Commit(commit(&f.hold, "1")),
+            f.hold.clone(),
+            Call::Commit(commit(&missing_uuid, "1")),
+            missing_uuid.clone(),
+        ),
+        (
+            OTHER,
+            Call::Release(release(&f.hold)),
+            f.hold.clone(),
+            Call::Release(release(&missing_uuid)),
+            missing_uuid.clone(),
+        ),
+        (
+            OTHER,
+            Call::Extend(extend(&f.hold, "1")),
+            f.hold.clone(),
+            Call::Extend(extend(&missing_uuid, "1")),
+            missing_uuid.clone(),
+        ),
+        (
+            TENANT,
+            Call::Commit(commit(&f.other_hold, "1")),
+            f.other_hold.clone(),
+            Call::Commit(commit(&missing_uuid, "1")),
+            missing_uuid.clone(),
+        ),
+    ];
+    let before = snapshot(&app).await;
+    for (tenant, foreign, foreign_id, missing, missing_id) in probes {
+        let what = format!("{foreign:?}");
+        let foreign = send(&app, Some(tenant), foreign).await.expect_err(&what);
+        let missing = send(&app, Some(tenant), missing).await.expect_err(&what);
+        assert_eq!(foreign.code(), Code::NotFound, "{what}: {foreign:?}");
+        assert_eq!(foreign.code(), missing.code(), "{what}");
+        let info = |s: &Status| {
+            let info = s.get_error_details().error_info().cloned().expect("ErrorInfo");
+            (info.reason, info.domain, info.metadata)
+        };
+        assert_eq!(info(&foreign), info(&missing), "{what}: same ErrorInfo");
+        assert_eq!(
+            foreign.message().replace(&foreign_id, "<id>"),
+            missing.message().replace(&missing_id, "<id>"),
+            "{what}: same message"
+        );
+    }
+    assert_eq!(before, snapshot(&app).await, "the probes changed nothing");
+}
