@@ -2,6 +2,7 @@
 # Quickstart: run creditd locally with a migrated database and a demo tenant.
 #
 #   scripts/run.sh [serve args...]   build and run `creditd serve --migrate --demo [args]`
+#                                    (the demo admin API key goes to .data/demo.key)
 #   scripts/run.sh services          only start the local PostgreSQL/Redis and print their URLs
 #   scripts/run.sh stop              stop the local PostgreSQL/Redis started by this script
 #
@@ -101,14 +102,17 @@ esac
 
 if [[ -n "${DATABASE_URL:-}" && -n "${REDIS_URL:-}" ]]; then
     ensure_cargo
+    # Not echoed: they may carry passwords.
     echo "run.sh: using DATABASE_URL and REDIS_URL from the environment"
 else
     start_local_services
+    echo "DATABASE_URL=$DATABASE_URL"
+    echo "REDIS_URL=$REDIS_URL"
 fi
-echo "DATABASE_URL=$DATABASE_URL"
-echo "REDIS_URL=$REDIS_URL"
 
 cargo build --bin creditd
 BIN="${CARGO_TARGET_DIR:-target}/debug/creditd"
-echo "run.sh: starting creditd (gRPC listening on 127.0.0.1:50051 unless overridden)"
-exec "$BIN" serve --migrate --demo "$@"
+mkdir -p "$DATA_DIR"
+echo "run.sh: starting creditd (gRPC on 127.0.0.1:50051 unless overridden);" \
+    "the demo admin key is printed below and written to .data/demo.key"
+exec "$BIN" serve --migrate --demo --demo-key-file "$DATA_DIR/demo.key" "$@"

@@ -7,9 +7,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
+    auth::KeyStore,
     config::{Config, redact_url},
     grpc::{admin::AdminApi, credit::CreditApi},
     pb::{admin_service_server::AdminServiceServer, credit_service_server::CreditServiceServer},
@@ -38,6 +39,23 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile { path: String, source: std::io::Error },
+}
+
+/// The server's TLS settings, or `None` for plaintext.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
+    if !config.tls.enabled() {
+        return Ok(None);
+    }
+    let read =
+        |path: &str| std::fs::read(path).map_err(|source| StartError::TlsFile { path: path.to_string(), source });
+    let identity = Identity::from_pem(read(&config.tls.cert_file)?, read(&config.tls.key_file)?);
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if !config.tls.client_ca_file.is_empty() {
+        tls = tls.client_ca_root(Certificate::from_pem(read(&config.tls.client_ca_file)?));
+    }
+    Ok(Some(tls))
 }
 
 pub struct App {
@@ -72,10 +90,12 @@ impl App {
         .await
         .map_err(|source| StartError::Redis { url: redact_url(&config.redis.url), source })?;
         let committer = Committer::start(pg.clone(), config.commit.max_batch, config.commit.writers);
+        let keys = KeyStore::new(pg.clone(), config.auth.key_recheck);
         let engine = Engine {
             hot,
             pg,
             committer,
+            keys,
             limits: Limits {
                 default_ttl: config.hot.default_ttl,
                 min_ttl: config.hot.min_ttl,
@@ -85,9 +105,16 @@ impl App {
             tenants: Tenants::default(),
             rebuild_wanted: Arc::new(tokio::sync::Notify::new()),
         };
+        tls_config(&config)?;
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.server.listen, source })?;
+        if !config.tls.enabled() && !config.server.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.server.listen,
+                "serving plaintext gRPC on a non-loopback address: API keys travel unencrypted; configure [tls]"
+            );
+        }
         let (status_tx, status) = watch::channel(Serving::No);
         let (stop_jobs, stop_rx) = watch::channel(false);
         let timings = JobTimings {
@@ -134,16 +161,15 @@ impl App {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let credit = CreditApi { engine: engine.clone(), default_tenant: config.server.default_tenant.clone() };
-        let admin = AdminApi {
-            engine: engine.clone(),
-            default_tenant: config.server.default_tenant.clone(),
-            max_depth: config.hot.max_depth,
-        };
+        let credit = CreditApi { engine: engine.clone() };
+        let admin = AdminApi { engine: engine.clone(), max_depth: config.hot.max_depth };
 
+        let mut builder = Server::builder().tcp_nodelay(true);
+        if let Some(tls) = tls_config(&config)? {
+            builder = builder.tls_config(tls)?;
+        }
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = Server::builder()
-            .tcp_nodelay(true)
+        let server = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

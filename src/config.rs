@@ -12,6 +12,8 @@ const DEFAULTS: &str = include_str!("default.toml");
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub hot: HotConfig,
@@ -28,8 +30,31 @@ pub struct ServerConfig {
     /// Drain time for in-flight calls on shutdown.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
-    /// Tenant of calls without tenant metadata (development only).
-    pub default_tenant: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM); with `key_file`, turns TLS on.
+    pub cert_file: String,
+    /// Server private key (PEM).
+    pub key_file: String,
+    /// CA whose certificates clients must present (mTLS); empty: none asked.
+    pub client_ca_file: String,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Upper bound on how long a revoked key keeps working on a replica.
+    #[serde(deserialize_with = "duration")]
+    pub key_recheck: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -186,6 +211,12 @@ impl Config {
         }
         if self.postgres.max_connections < self.commit.writers as u32 + 2 {
             return invalid("postgres.max_connections", "must exceed commit.writers by at least 2");
+        }
+        if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
+            return invalid("tls.cert_file", "tls.cert_file and tls.key_file go together");
+        }
+        if !self.tls.client_ca_file.is_empty() && !self.tls.enabled() {
+            return invalid("tls.client_ca_file", "needs tls.cert_file and tls.key_file");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");

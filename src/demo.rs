@@ -3,6 +3,7 @@
 //! its own small allowance and a cap.
 
 use crate::{
+    auth::Role,
     domain::{Credits, grant::Category},
     error::Result,
     service::{
@@ -13,8 +14,9 @@ use crate::{
 
 pub const TENANT: &str = "demo";
 
-/// Creates the demo tenant (idempotent: safe on every start).
-pub async fn seed(engine: &Engine, max_depth: u32) -> Result<()> {
+/// Creates the demo tenant (idempotent: safe on every start) and a new
+/// admin API key for it, which it returns.
+pub async fn seed(engine: &Engine, max_depth: u32) -> Result<String> {
     engine
         .create_tenant(NewTenant {
             tenant_id: TENANT.into(),
@@ -47,5 +49,6 @@ pub async fn seed(engine: &Engine, max_depth: u32) -> Result<()> {
     };
     engine.create_grant(TENANT, grant("acme", 10_000, Category::Plan, "demo-acme-plan")).await?;
     engine.create_grant(TENANT, grant("bob", 100, Category::Plan, "demo-bob-plan")).await?;
-    Ok(())
+    let (_, key) = engine.keys.create(Some(TENANT), Role::Admin, "demo", None).await?;
+    key.ok_or_else(|| crate::error::Error::internal("a key without idempotency key is always new"))
 }

@@ -5,7 +5,10 @@
 //! match. Store errors are classified here (transient → UNAVAILABLE,
 //! otherwise INTERNAL) and their text never reaches a client.
 
-use crate::store::{hot::HotError, pg::PgError};
+use crate::{
+    auth::AuthError,
+    store::{hot::HotError, pg::PgError},
+};
 
 /// Stable `google.rpc.ErrorInfo.reason` values (domain "creditd").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +38,10 @@ pub enum Reason {
     GrantNotLive,
     RatingUnavailable,
     BackendUnavailable,
-    Unauthenticated,
+    MissingCredentials,
+    InvalidCredentials,
+    WrongRole,
+    KeyNotFound,
     Internal,
 }
 
@@ -67,7 +73,10 @@ impl Reason {
             Reason::GrantNotLive => "GRANT_NOT_LIVE",
             Reason::RatingUnavailable => "RATING_UNAVAILABLE",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
-            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::MissingCredentials => "MISSING_CREDENTIALS",
+            Reason::InvalidCredentials => "INVALID_CREDENTIALS",
+            Reason::WrongRole => "WRONG_ROLE",
+            Reason::KeyNotFound => "KEY_NOT_FOUND",
             Reason::Internal => "INTERNAL",
         }
     }
@@ -86,8 +95,10 @@ pub enum Error {
     FailedPrecondition(Reason, String),
     #[error("{1}")]
     Unimplemented(Reason, String),
-    #[error("{0}")]
-    Unauthenticated(String),
+    #[error("{1}")]
+    Unauthenticated(Reason, String),
+    #[error("{1}")]
+    PermissionDenied(Reason, String),
     /// A backend is down or busy; retrying (with the same idempotency key)
     /// is safe. The source goes to the log only.
     #[error("a backend is unavailable")]
@@ -111,7 +122,24 @@ impl Error {
 
 impl From<PgError> for Error {
     fn from(e: PgError) -> Self {
-        if e.is_transient() { Error::Unavailable(Box::new(e)) } else { Error::Internal(Box::new(e)) }
+        match e {
+            PgError::KeyReused => Error::FailedPrecondition(
+                Reason::IdempotencyKeyReused,
+                "the idempotency key was already used with a different payload".into(),
+            ),
+            e if e.is_transient() => Error::Unavailable(Box::new(e)),
+            e => Error::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<AuthError> for Error {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing => Error::Unauthenticated(Reason::MissingCredentials, e.to_string()),
+            AuthError::Invalid => Error::Unauthenticated(Reason::InvalidCredentials, e.to_string()),
+            AuthError::Unavailable(source) => source.into(),
+        }
     }
 }
 

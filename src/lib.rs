@@ -7,12 +7,14 @@
 //!   (`pg`), the source of truth.
 //! - [`service`]: the operations, the group committer, background jobs.
 //! - [`grpc`]: the tonic edge: validation, conversion, error mapping.
+//! - [`auth`]: API keys, roles and the key cache.
 //! - [`config`]: layered configuration (`src/default.toml`).
 //! - [`app`]: assembly, serving and graceful shutdown.
 //! - [`demo`]: the demo tenant the quickstart seeds.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod decision;
 pub mod demo;

@@ -1,10 +1,11 @@
-//! The `creditd` binary: `serve`, `migrate`.
+//! The `creditd` binary: `serve`, `migrate`, `keys`, `default-config`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use creditd::{
     app::App,
+    auth::{KeyStore, Role},
     config::{Config, Sources},
     demo,
     store::pg::PgStore,
@@ -31,29 +32,57 @@ enum Command {
         /// Apply database migrations before serving.
         #[arg(long)]
         migrate: bool,
-        /// Seed the demo tenant and make it the default tenant.
+        /// Seed the demo tenant and print an admin API key for it.
         #[arg(long)]
         demo: bool,
+        /// With --demo: also write the demo key to this file.
+        #[arg(long, requires = "demo")]
+        demo_key_file: Option<String>,
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Manage API keys directly in PostgreSQL (bootstrap the first
+    /// operator key with `keys create --role operator`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Print the effective configuration's defaults file and exit.
     DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key and print it (shown once).
+    Create {
+        /// runtime, admin or operator.
+        #[arg(long)]
+        role: String,
+        /// The tenant (runtime and admin keys).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revoke a key by its id.
+    Revoke { key_id: String },
+    /// List the keys of a tenant (or operator keys without --tenant).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut overrides = Vec::new();
-    if let Command::Serve { listen, migrate, demo } = &cli.command {
+    if let Command::Serve { listen, migrate, .. } = &cli.command {
         if let Some(listen) = listen {
             overrides.push(("server.listen".to_string(), listen.clone()));
         }
         if *migrate {
             overrides.push(("postgres.migrate_on_start".to_string(), "true".to_string()));
-        }
-        if *demo {
-            overrides.push(("server.default_tenant".to_string(), demo::TENANT.to_string()));
         }
     }
     if let Command::DefaultConfig = cli.command {
@@ -86,12 +115,17 @@ async fn run(command: Command, config: Config) -> Result<(), Box<dyn std::error:
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Serve { demo: seed_demo, .. } => {
+        Command::Keys { action } => keys(action, &config).await,
+        Command::Serve { demo: seed_demo, demo_key_file, .. } => {
             let max_depth = config.hot.max_depth;
             let app = App::build(config).await?;
             if seed_demo {
-                demo::seed(app.engine(), max_depth).await?;
+                let key = demo::seed(app.engine(), max_depth).await?;
                 tracing::info!(tenant = demo::TENANT, "demo tenant seeded (accounts acme, alice, bob)");
+                println!("demo admin key for tenant {}: {key}", demo::TENANT);
+                if let Some(path) = demo_key_file {
+                    write_secret(&path, &key)?;
+                }
             }
             tracing::info!(addr = %app.local_addr(), "listening");
             app.serve(shutdown_signal()).await?;
@@ -99,6 +133,52 @@ async fn run(command: Command, config: Config) -> Result<(), Box<dyn std::error:
         }
         Command::DefaultConfig => Ok(()),
     }
+}
+
+async fn keys(action: KeysAction, config: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    let pg = PgStore::connect(&config.postgres.url, 2, config.postgres.statement_timeout).await?;
+    let store = KeyStore::new(pg.clone(), config.auth.key_recheck);
+    match action {
+        KeysAction::Create { role, tenant, name } => {
+            let role = Role::parse(&role).ok_or("--role must be runtime, admin or operator")?;
+            if (role == Role::Operator) != tenant.is_none() {
+                return Err("operator keys take no --tenant; runtime and admin keys need one".into());
+            }
+            if let Some(t) = &tenant
+                && pg.tenant(t).await?.is_none()
+            {
+                return Err(format!("tenant {t} does not exist").into());
+            }
+            let (record, key) = store.create(tenant.as_deref(), role, &name, None).await?;
+            println!("{}", key.ok_or("the key was not created")?);
+            eprintln!("key id {} (prefix {}): store it now, it is not shown again", record.key_id, record.prefix);
+        }
+        KeysAction::Revoke { key_id } => {
+            let key_id = key_id.parse().map_err(|_| "not a key id")?;
+            match store.revoke(key_id).await? {
+                Some(record) => eprintln!("revoked key {} (prefix {})", record.key_id, record.prefix),
+                None => return Err("no such key".into()),
+            }
+        }
+        KeysAction::List { tenant } => {
+            for k in pg.list_api_keys(tenant.as_deref()).await? {
+                let state = if k.revoked_at.is_some() { "revoked" } else { "active" };
+                println!("{}\tcdk_{}_…\t{}\t{}\t{}", k.key_id, k.prefix, k.role.as_str(), state, k.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a secret readable by its owner only.
+fn write_secret(path: &str, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    writeln!(file, "{secret}")
 }
 
 async fn shutdown_signal() {

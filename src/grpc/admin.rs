@@ -4,10 +4,11 @@ use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
 use super::{
-    caller::tenant_of,
+    caller::{Need, authenticated, caller, tenant},
     convert::{self, Sign},
 };
 use crate::{
+    auth::Role,
     error::{Error, Reason},
     pb::{self, admin_service_server::AdminService},
     service::{
@@ -19,15 +20,12 @@ use crate::{
 
 pub struct AdminApi {
     pub engine: Engine,
-    pub default_tenant: String,
     pub max_depth: u32,
 }
 
 impl AdminApi {
     async fn tenant<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let tenant = tenant_of(request, &self.default_tenant)?;
-        self.engine.require_tenant(&tenant).await?;
-        Ok(tenant)
+        Ok(tenant(&self.engine, request, Need::Admin).await?)
     }
 }
 
@@ -38,6 +36,7 @@ fn text_or(value: String, default: &str) -> String {
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn create_tenant(&self, request: Request<pb::CreateTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        caller(&self.engine, &request, Need::Operator).await?;
         let r = request.into_inner();
         let tenant_id = convert::tenant_id("tenant_id", &r.tenant_id)?;
         let credit_value_text = text_or(r.credit_value, "1");
@@ -69,8 +68,91 @@ impl AdminService for AdminApi {
     }
 
     async fn get_tenant(&self, request: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let who = authenticated(&self.engine, &request).await?;
         let tenant_id = convert::tenant_id("tenant_id", &request.get_ref().tenant_id)?;
+        let visible = match who.role {
+            Role::Operator => true,
+            Role::Admin => who.tenant.as_deref() == Some(tenant_id.as_str()),
+            Role::Runtime => {
+                return Err(Error::PermissionDenied(
+                    Reason::WrongRole,
+                    "GetTenant needs an admin or operator key".into(),
+                )
+                .into());
+            }
+        };
+        if !visible {
+            return Err(Error::NotFound(Reason::TenantNotFound, format!("tenant {tenant_id} not found")).into());
+        }
         Ok(Response::new(convert::tenant(&self.engine.get_tenant(&tenant_id).await?)))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        caller(&self.engine, &request, Need::Operator).await?;
+        let r = request.into_inner();
+        let role = convert::api_key_role(r.role)?;
+        let tenant = match (role, r.tenant_id.is_empty()) {
+            (Role::Operator, true) => None,
+            (Role::Operator, false) => {
+                return Err(
+                    Error::invalid("tenant_id", Reason::InvalidArgument, "must be empty for an operator key").into()
+                );
+            }
+            (_, true) => {
+                return Err(Error::invalid("tenant_id", Reason::InvalidTenantId, "is required for this role").into());
+            }
+            (_, false) => {
+                let tenant = convert::tenant_id("tenant_id", &r.tenant_id)?;
+                self.engine.require_tenant(&tenant).await?;
+                Some(tenant)
+            }
+        };
+        if r.name.chars().count() > 128 {
+            return Err(Error::invalid("name", Reason::InvalidArgument, "is longer than 128 characters").into());
+        }
+        let idempotency_key = convert::idempotency_key(&r.idempotency_key)?;
+        let (record, key) = self
+            .engine
+            .keys
+            .create(tenant.as_deref(), role, &r.name, Some(&idempotency_key))
+            .await
+            .map_err(Error::from)?;
+        if key.is_some() {
+            tracing::info!(prefix = %record.prefix, role = role.as_str(), tenant = ?record.tenant, "api key created");
+        }
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(convert::api_key(&record)),
+            replayed: key.is_none(),
+            key: key.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        caller(&self.engine, &request, Need::Operator).await?;
+        let r = request.into_inner();
+        let tenant = if r.tenant_id.is_empty() { None } else { Some(convert::tenant_id("tenant_id", &r.tenant_id)?) };
+        let keys = self.engine.pg.list_api_keys(tenant.as_deref()).await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListApiKeysResponse { api_keys: keys.iter().map(convert::api_key).collect() }))
+    }
+
+    async fn revoke_api_key(&self, request: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        caller(&self.engine, &request, Need::Operator).await?;
+        let key_id = convert::key_id(&request.get_ref().key_id)?;
+        let record = self
+            .engine
+            .keys
+            .revoke(key_id)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::NotFound(Reason::KeyNotFound, format!("key {key_id} not found")))?;
+        tracing::info!(prefix = %record.prefix, "api key revoked");
+        Ok(Response::new(convert::api_key(&record)))
     }
 
     async fn create_account(

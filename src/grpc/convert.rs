@@ -7,6 +7,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
 use crate::{
+    auth::{KeyRecord, Role},
     decision::{Denial, DenialReason},
     domain::{Credits, grant::Category, ids},
     error::{Error, Reason, Result},
@@ -61,6 +62,36 @@ pub fn labels(map: std::collections::HashMap<String, String>) -> Result<BTreeMap
 
 pub fn reservation_id(value: &str) -> Result<Uuid> {
     uuid_field("reservation_id", Reason::InvalidReservationId, value)
+}
+
+pub fn key_id(value: &str) -> Result<Uuid> {
+    uuid_field("key_id", Reason::InvalidArgument, value)
+}
+
+pub fn api_key_role(value: i32) -> Result<Role> {
+    match pb::ApiKeyRole::try_from(value) {
+        Ok(pb::ApiKeyRole::Runtime) => Ok(Role::Runtime),
+        Ok(pb::ApiKeyRole::Admin) => Ok(Role::Admin),
+        Ok(pb::ApiKeyRole::Operator) => Ok(Role::Operator),
+        Ok(pb::ApiKeyRole::Unspecified) => Err(Error::invalid("role", Reason::InvalidArgument, "is required")),
+        Err(_) => Err(Error::invalid("role", Reason::InvalidArgument, "is not an ApiKeyRole")),
+    }
+}
+
+pub fn api_key(k: &KeyRecord) -> pb::ApiKey {
+    pb::ApiKey {
+        key_id: k.key_id.to_string(),
+        prefix: k.prefix.clone(),
+        tenant_id: k.tenant.clone().unwrap_or_default(),
+        role: match k.role {
+            Role::Runtime => pb::ApiKeyRole::Runtime,
+            Role::Admin => pb::ApiKeyRole::Admin,
+            Role::Operator => pb::ApiKeyRole::Operator,
+        } as i32,
+        name: k.name.clone(),
+        created_at: Some(timestamp(k.created_at)),
+        revoked_at: k.revoked_at.map(timestamp),
+    }
 }
 
 pub fn grant_id(value: &str) -> Result<Uuid> {

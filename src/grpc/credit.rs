@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    caller::tenant_of,
+    caller::{Need, tenant},
     convert::{self, Sign},
 };
 use crate::{
@@ -16,14 +16,11 @@ use crate::{
 
 pub struct CreditApi {
     pub engine: Engine,
-    pub default_tenant: String,
 }
 
 impl CreditApi {
     async fn tenant<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let tenant = tenant_of(request, &self.default_tenant)?;
-        self.engine.require_tenant(&tenant).await?;
-        Ok(tenant)
+        Ok(tenant(&self.engine, request, Need::Runtime).await?)
     }
 }
 

@@ -30,7 +30,8 @@ impl From<Error> for Status {
             Error::AlreadyExists(reason, message) => status(Code::AlreadyExists, reason, message),
             Error::FailedPrecondition(reason, message) => status(Code::FailedPrecondition, reason, message),
             Error::Unimplemented(reason, message) => status(Code::Unimplemented, reason, message),
-            Error::Unauthenticated(message) => status(Code::Unauthenticated, Reason::Unauthenticated, message),
+            Error::Unauthenticated(reason, message) => status(Code::Unauthenticated, reason, message),
+            Error::PermissionDenied(reason, message) => status(Code::PermissionDenied, reason, message),
             Error::Unavailable(source) => {
                 tracing::warn!(error = %source, "backend unavailable");
                 status(

@@ -8,6 +8,7 @@
 //!   whose PostgreSQL write never confirmed.
 //! - ledger: credits grants that became effective, forfeits expired ones,
 //!   allocates usage to grants, applies ledger rows Redis missed.
+//! - keys: re-reads cached API keys (revocations reach every replica).
 //! - health: watches Redis and PostgreSQL, rebuilds a tenant's hot state
 //!   when Redis lost it, and reports SERVING only when all is loaded.
 
@@ -64,6 +65,11 @@ pub fn spawn(
                 async move { engine.ledger_pass().await }
             }
         })),
+        tokio::spawn({
+            let keys = engine.keys.clone();
+            let shutdown = shutdown.clone();
+            async move { keys.refresh_forever(shutdown).await }
+        }),
         tokio::spawn(health_loop(engine, timings.health, status, shutdown)),
     ]
 }

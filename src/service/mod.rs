@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use crate::{
+    auth::KeyStore,
     error::{Error, Reason, Result},
     store::{hot::HotStore, pg::PgStore},
 };
@@ -38,6 +39,7 @@ pub struct Engine {
     pub hot: HotStore,
     pub pg: PgStore,
     pub committer: Committer,
+    pub keys: KeyStore,
     pub limits: Limits,
     pub tenants: Tenants,
     /// Wakes the health job at once when a call finds a tenant unloaded.

@@ -14,6 +14,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+use crate::auth::{KeyRecord, Role};
 use crate::domain::{
     Credits,
     grant::{Category, SpendKey, allocate},
@@ -29,6 +30,8 @@ pub enum PgError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored amount is not exact: {0}")]
     Amount(String),
+    #[error("idempotency key used with another payload")]
+    KeyReused,
 }
 
 impl PgError {
@@ -782,6 +785,96 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await?;
         credits(sum)
+    }
+}
+
+const KEY_COLUMNS: &str = "key_id, prefix, secret_hash, tenant_id, role, name, created_at, revoked_at";
+
+fn key_row(r: sqlx::postgres::PgRow) -> PgResult<KeyRecord> {
+    let role: String = r.get(4);
+    Ok(KeyRecord {
+        key_id: r.get(0),
+        prefix: r.get(1),
+        secret_hash: r.get(2),
+        tenant: r.get(3),
+        role: Role::parse(&role).ok_or_else(|| PgError::Amount(format!("unknown role {role}")))?,
+        name: r.get(5),
+        created_at: r.get(6),
+        revoked_at: r.get(7),
+    })
+}
+
+impl PgStore {
+    pub async fn api_key_by_prefix(&self, prefix: &str) -> PgResult<Option<KeyRecord>> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1")))
+            .bind(prefix)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(key_row).transpose()
+    }
+
+    pub async fn api_keys_by_prefixes(&self, prefixes: &[String]) -> PgResult<Vec<KeyRecord>> {
+        let rows = sqlx::query(AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = ANY($1)")))
+            .bind(prefixes)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(key_row).collect()
+    }
+
+    /// Inserts a key unless its idempotency key was used; returns the stored
+    /// key and whether it is new. A replay with another payload returns the
+    /// stored key too: the caller compares.
+    pub async fn insert_api_key(&self, k: &KeyRecord, idempotency_key: Option<&str>) -> PgResult<(KeyRecord, bool)> {
+        let hash = crate::service::payload_hash(&[k.tenant.as_deref().unwrap_or(""), k.role.as_str(), &k.name]);
+        let inserted = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO api_keys (key_id, prefix, secret_hash, tenant_id, role, name, idempotency_key, payload_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING RETURNING {KEY_COLUMNS}"
+        )))
+        .bind(k.key_id)
+        .bind(&k.prefix)
+        .bind(&k.secret_hash)
+        .bind(&k.tenant)
+        .bind(k.role.as_str())
+        .bind(&k.name)
+        .bind(idempotency_key)
+        .bind(&hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = inserted {
+            return Ok((key_row(row)?, true));
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE idempotency_key = $1 AND payload_hash = $2"
+        )))
+        .bind(idempotency_key)
+        .bind(&hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok((key_row(row)?, false)),
+            None => Err(PgError::KeyReused),
+        }
+    }
+
+    pub async fn revoke_api_key(&self, key_id: Uuid) -> PgResult<Option<KeyRecord>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1 RETURNING {KEY_COLUMNS}"
+        )))
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(key_row).transpose()
+    }
+
+    /// Keys of one tenant (`Some`), or operator keys (`None`), oldest first.
+    pub async fn list_api_keys(&self, tenant: Option<&str>) -> PgResult<Vec<KeyRecord>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id IS NOT DISTINCT FROM $1 ORDER BY created_at, key_id"
+        )))
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(key_row).collect()
     }
 }
 

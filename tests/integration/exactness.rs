@@ -19,6 +19,7 @@ async fn two_instances_grant_exactly_the_pool() {
         first.account(&format!("u{i}"), Some("pool"), true, None).await;
     }
     first.grant("pool", "1000", GrantCategory::Plan).await;
+    second.adopt_keys(&first);
 
     let attempts = 5_000;
     let results: Vec<pb::ReserveResponse> = stream::iter(0..attempts)

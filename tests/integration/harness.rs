@@ -5,16 +5,26 @@
 
 #![allow(dead_code)]
 
-use std::{future::Future, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use creditd::{
     app::App,
+    auth::Role,
     config::{Config, Sources},
     pb::{self, admin_service_client::AdminServiceClient, credit_service_client::CreditServiceClient},
 };
 use rand::Rng;
 use tokio::sync::oneshot;
-use tonic::{Code, Request, Status, transport::Channel};
+use tonic::{
+    Code, Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 use tonic_types::StatusExt;
 
 pub const TENANT: &str = "acme";
@@ -71,12 +81,48 @@ impl Backends {
     }
 }
 
+/// Marks a test request with the tenant (or `!operator`) whose key the
+/// client's [`KeyInjector`] must send; never reaches the server.
+const TEST_CALLER: &str = "x-test-caller";
+const OPERATOR: &str = "!operator";
+
+/// Turns the test marker into `authorization: Bearer <key>`: the admin
+/// key of the marked tenant, or the operator key. A request that already
+/// has an authorization header, or names a tenant without a key, is sent
+/// as it is (so tests can send no key, or a wrong one).
+#[derive(Clone)]
+pub struct KeyInjector {
+    keys: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl Interceptor for KeyInjector {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(marker) = request.metadata_mut().remove(TEST_CALLER) else { return Ok(request) };
+        if request.metadata().contains_key("authorization") {
+            return Ok(request);
+        }
+        let who = marker.to_str().unwrap_or_default().to_string();
+        if let Some(key) = self.keys.lock().unwrap().get(&who) {
+            request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        }
+        Ok(request)
+    }
+}
+
+pub type Intercepted = InterceptedService<Channel, KeyInjector>;
+
 /// A running creditd.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
     pub backends: Backends,
-    pub credit: CreditServiceClient<Channel>,
-    pub admin: AdminServiceClient<Channel>,
+    pub credit: CreditServiceClient<Intercepted>,
+    pub admin: AdminServiceClient<Intercepted>,
+    /// Plain clients: what a request carries is what is sent.
+    pub raw_credit: CreditServiceClient<Channel>,
+    pub raw_admin: AdminServiceClient<Channel>,
+    /// tenant (or `!operator`) → API key.
+    pub keys: Arc<Mutex<HashMap<String, String>>>,
+    pub engine: creditd::service::Engine,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -126,6 +172,10 @@ impl TestApp {
         let config = Config::load(&Sources { file: None, env: vec![], overrides }).expect("test config");
         let app = App::build(config).await.expect("app builds");
         let addr = app.local_addr();
+        let engine = app.engine().clone();
+        let (_, operator_key) =
+            engine.keys.create(None, Role::Operator, "tests", None).await.expect("create an operator key");
+        let keys = Arc::new(Mutex::new(HashMap::from([(OPERATOR.to_string(), operator_key.unwrap())])));
         tokio::time::timeout(Duration::from_secs(20), app.ready()).await.expect("app reports serving");
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -136,11 +186,16 @@ impl TestApp {
             .expect("serve");
         });
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
+        let injector = KeyInjector { keys: keys.clone() };
         TestApp {
             addr,
             backends,
-            credit: CreditServiceClient::new(channel.clone()),
-            admin: AdminServiceClient::new(channel),
+            credit: CreditServiceClient::with_interceptor(channel.clone(), injector.clone()),
+            admin: AdminServiceClient::with_interceptor(channel.clone(), injector),
+            raw_credit: CreditServiceClient::new(channel.clone()),
+            raw_admin: AdminServiceClient::new(channel),
+            keys,
+            engine,
             shutdown: Some(tx),
             server: Some(server),
         }
@@ -156,12 +211,43 @@ impl TestApp {
         }
     }
 
+    /// Creates a tenant (as operator) and an admin key for it, which
+    /// `req(tenant, …)` then sends.
     pub async fn create_tenant(&self, tenant: &str) {
         self.admin
             .clone()
-            .create_tenant(pb::CreateTenantRequest { tenant_id: tenant.into(), ..Default::default() })
+            .create_tenant(req_operator(pb::CreateTenantRequest { tenant_id: tenant.into(), ..Default::default() }))
             .await
             .expect("create tenant");
+        let key = self.create_key(tenant, pb::ApiKeyRole::Admin).await;
+        self.keys.lock().unwrap().insert(tenant.to_string(), key);
+    }
+
+    /// Creates a key (as operator) and returns it.
+    pub async fn create_key(&self, tenant: &str, role: pb::ApiKeyRole) -> String {
+        self.admin
+            .clone()
+            .create_api_key(req_operator(pb::CreateApiKeyRequest {
+                tenant_id: tenant.into(),
+                role: role as i32,
+                name: "test".into(),
+                idempotency_key: format!("key-{}", random_suffix()),
+            }))
+            .await
+            .expect("create api key")
+            .into_inner()
+            .key
+    }
+
+    /// Uses the tenants' keys of another app (a replica sharing backends).
+    pub fn adopt_keys(&self, other: &TestApp) {
+        let theirs = other.keys.lock().unwrap().clone();
+        self.keys.lock().unwrap().extend(theirs.into_iter().filter(|(who, _)| who != OPERATOR));
+    }
+
+    /// The operator key of this app.
+    pub fn operator_key(&self) -> String {
+        self.keys.lock().unwrap()[OPERATOR].clone()
     }
 
     /// Creates an account in `acme`.
@@ -330,10 +416,23 @@ fn init_logs() {
     });
 }
 
-/// A request carrying the tenant metadata.
+/// A request sent with the admin key of `tenant` (through the
+/// intercepted clients).
 pub fn req<T>(tenant: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
-    request.metadata_mut().insert("x-creditd-tenant", tenant.parse().expect("ascii tenant"));
+    request.metadata_mut().insert(TEST_CALLER, tenant.parse().expect("ascii tenant"));
+    request
+}
+
+/// A request sent with the operator key.
+pub fn req_operator<T>(message: T) -> Request<T> {
+    req(OPERATOR, message)
+}
+
+/// A request carrying exactly this key.
+pub fn with_key<T>(key: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().expect("ascii key"));
     request
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use creditd::pb::{self, DenialReason, GrantCategory, GrantStatus};
 use tonic::{Code, Status};
 
-use crate::harness::{TENANT, TestApp, assert_status, eventually, req};
+use crate::harness::{TENANT, TestApp, assert_status, eventually, req, req_operator};
 
 const OTHER: &str = "other";
 
@@ -541,8 +541,8 @@ async fn create_tenant_and_account_are_idempotent_on_their_name() {
         currency: "EUR".into(),
         time_zone: "Europe/Paris".into(),
     };
-    let first = admin.create_tenant(tenant.clone()).await.unwrap().into_inner();
-    let again = admin.create_tenant(tenant.clone()).await.unwrap().into_inner();
+    let first = admin.create_tenant(req_operator(tenant.clone())).await.unwrap().into_inner();
+    let again = admin.create_tenant(req_operator(tenant.clone())).await.unwrap().into_inner();
     assert_eq!(again, first);
     for changed in [
         pb::CreateTenantRequest { display_name: "Beta SA".into(), ..tenant.clone() },
@@ -550,10 +550,11 @@ async fn create_tenant_and_account_are_idempotent_on_their_name() {
         pb::CreateTenantRequest { currency: "USD".into(), ..tenant.clone() },
         pb::CreateTenantRequest { time_zone: "UTC".into(), ..tenant.clone() },
     ] {
-        let e = admin.create_tenant(changed).await.unwrap_err();
+        let e = admin.create_tenant(req_operator(changed)).await.unwrap_err();
         assert_status(&e, Code::AlreadyExists, "TENANT_EXISTS", None);
     }
-    let stored = admin.get_tenant(pb::GetTenantRequest { tenant_id: "beta".into() }).await.unwrap().into_inner();
+    let stored =
+        admin.get_tenant(req_operator(pb::GetTenantRequest { tenant_id: "beta".into() })).await.unwrap().into_inner();
     assert_eq!(stored, first, "refused calls changed nothing");
 
     app.account("org", None, false, None).await;

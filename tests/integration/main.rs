@@ -9,3 +9,4 @@ mod exactness;
 mod hot_path;
 mod idempotency;
 mod recovery;
+mod security;
