@@ -12,11 +12,17 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::{
     auth::KeyStore,
     config::{Config, redact_url},
+    domain::pricing::BookContent,
+    grpc::pricing::PricingApi,
     grpc::{admin::AdminApi, credit::CreditApi},
-    pb::{admin_service_server::AdminServiceServer, credit_service_server::CreditServiceServer},
+    pb::{
+        admin_service_server::AdminServiceServer, credit_service_server::CreditServiceServer,
+        pricing_service_server::PricingServiceServer,
+    },
     service::{
         Committer, Engine, Limits, Tenants,
         jobs::{self, JobTimings, Serving},
+        pricing::Pricing,
     },
     store::{
         hot::{HotStore, HotTimings},
@@ -41,6 +47,29 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("cannot read TLS file {path}: {source}")]
     TlsFile { path: String, source: std::io::Error },
+    #[error("price catalog {origin}: {message}")]
+    CatalogFile { origin: String, message: String },
+    #[error("cannot load the default price catalog: {0}")]
+    Catalog(crate::error::Error),
+}
+
+/// The price catalog shipped in the binary (`catalog/default.toml`).
+pub const EMBEDDED_CATALOG: &str = include_str!("../catalog/default.toml");
+
+/// The default catalog: the configured file, or the embedded one.
+fn default_catalog(config: &Config) -> Result<BookContent, StartError> {
+    let (origin, text) = if config.pricing.default_catalog_file.is_empty() {
+        ("catalog/default.toml (embedded)".to_string(), EMBEDDED_CATALOG.to_string())
+    } else {
+        let path = config.pricing.default_catalog_file.clone();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| StartError::CatalogFile { origin: path.clone(), message: e.to_string() })?;
+        (path, text)
+    };
+    let content: BookContent = toml::from_str(&text)
+        .map_err(|e| StartError::CatalogFile { origin: origin.clone(), message: e.to_string() })?;
+    content.entries("").map_err(|e| StartError::CatalogFile { origin, message: e.to_string() })?;
+    Ok(content)
 }
 
 /// The server's TLS settings, or `None` for plaintext.
@@ -91,11 +120,13 @@ impl App {
         .map_err(|source| StartError::Redis { url: redact_url(&config.redis.url), source })?;
         let committer = Committer::start(pg.clone(), config.commit.max_batch, config.commit.writers);
         let keys = KeyStore::new(pg.clone(), config.auth.key_recheck);
+        let pricing = Pricing::new(pg.clone(), config.pricing.refresh);
         let engine = Engine {
             hot,
             pg,
             committer,
             keys,
+            pricing,
             limits: Limits {
                 default_ttl: config.hot.default_ttl,
                 min_ttl: config.hot.min_ttl,
@@ -105,6 +136,12 @@ impl App {
             tenants: Tenants::default(),
             rebuild_wanted: Arc::new(tokio::sync::Notify::new()),
         };
+        if config.pricing.load_default_catalog {
+            let catalog = default_catalog(&config)?;
+            if let Some(book) = engine.load_default_catalog(&catalog).await.map_err(StartError::Catalog)? {
+                tracing::info!(book, "default price catalog loaded");
+            }
+        }
         tls_config(&config)?;
         let listener = TcpListener::bind(config.server.listen)
             .await
@@ -161,7 +198,9 @@ impl App {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let credit = CreditApi { engine: engine.clone() };
+        let max_quantity = rust_decimal::Decimal::from(config.pricing.max_quantity);
+        let credit = CreditApi { engine: engine.clone(), max_quantity };
+        let pricing = PricingApi { engine: engine.clone(), max_quantity };
         let admin = AdminApi { engine: engine.clone(), max_depth: config.hot.max_depth };
 
         let mut builder = Server::builder().tcp_nodelay(true);
@@ -175,6 +214,7 @@ impl App {
             .add_service(reflection_v1alpha)
             .add_service(CreditServiceServer::new(credit))
             .add_service(AdminServiceServer::new(admin))
+            .add_service(PricingServiceServer::new(pricing))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = drain_rx.await;
             });
@@ -211,7 +251,7 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, mut statu
             Serving::Yes => tonic_health::ServingStatus::Serving,
             Serving::No => tonic_health::ServingStatus::NotServing,
         };
-        for name in ["", "creditd.v1.CreditService", "creditd.v1.AdminService"] {
+        for name in ["", "creditd.v1.CreditService", "creditd.v1.AdminService", "creditd.v1.PricingService"] {
             reporter.set_service_status(name, state).await;
         }
         tracing::info!(serving = ?serving, "health");

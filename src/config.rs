@@ -17,6 +17,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub hot: HotConfig,
+    pub pricing: PricingConfig,
     pub commit: CommitConfig,
     pub jobs: JobsConfig,
     pub log: LogConfig,
@@ -102,6 +103,20 @@ pub struct HotConfig {
     pub commit_deadline: Duration,
     /// Deepest account tree.
     pub max_depth: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    /// A catalog file replacing the embedded one; empty: embedded.
+    pub default_catalog_file: String,
+    /// Load the default catalog at startup.
+    pub load_default_catalog: bool,
+    /// Delay before a price change reaches a replica.
+    #[serde(deserialize_with = "duration")]
+    pub refresh: Duration,
+    /// Largest quantity of one usage item.
+    pub max_quantity: i64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -217,6 +232,9 @@ impl Config {
         }
         if !self.tls.client_ca_file.is_empty() && !self.tls.enabled() {
             return invalid("tls.client_ca_file", "needs tls.cert_file and tls.key_file");
+        }
+        if self.pricing.max_quantity <= 0 {
+            return invalid("pricing.max_quantity", "must be positive");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");

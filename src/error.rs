@@ -36,7 +36,10 @@ pub enum Reason {
     ReservationReleased,
     ReservationExpired,
     GrantNotLive,
-    RatingUnavailable,
+    InvalidUsage,
+    UnknownMeter,
+    NoPrice,
+    InvalidPrice,
     BackendUnavailable,
     MissingCredentials,
     InvalidCredentials,
@@ -71,7 +74,10 @@ impl Reason {
             Reason::ReservationReleased => "RESERVATION_RELEASED",
             Reason::ReservationExpired => "RESERVATION_EXPIRED",
             Reason::GrantNotLive => "GRANT_NOT_LIVE",
-            Reason::RatingUnavailable => "RATING_UNAVAILABLE",
+            Reason::InvalidUsage => "INVALID_USAGE",
+            Reason::UnknownMeter => "UNKNOWN_METER",
+            Reason::NoPrice => "NO_PRICE",
+            Reason::InvalidPrice => "INVALID_PRICE",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::MissingCredentials => "MISSING_CREDENTIALS",
             Reason::InvalidCredentials => "INVALID_CREDENTIALS",
@@ -86,7 +92,7 @@ impl Reason {
 pub enum Error {
     /// Bad input; nothing changed. `field` is the request field's name.
     #[error("{field} {detail}")]
-    InvalidArgument { field: &'static str, reason: Reason, detail: String },
+    InvalidArgument { field: String, reason: Reason, detail: String },
     #[error("{1}")]
     NotFound(Reason, String),
     #[error("{1}")]
@@ -111,8 +117,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn invalid(field: &'static str, reason: Reason, detail: impl std::fmt::Display) -> Self {
-        Error::InvalidArgument { field, reason, detail: detail.to_string() }
+    pub fn invalid(field: impl Into<String>, reason: Reason, detail: impl std::fmt::Display) -> Self {
+        Error::InvalidArgument { field: field.into(), reason, detail: detail.to_string() }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -130,6 +136,25 @@ impl From<PgError> for Error {
             e if e.is_transient() => Error::Unavailable(Box::new(e)),
             e => Error::Internal(Box::new(e)),
         }
+    }
+}
+
+impl From<crate::domain::pricing::RateError> for Error {
+    fn from(e: crate::domain::pricing::RateError) -> Self {
+        use crate::domain::pricing::RateError;
+        let reason = match &e {
+            RateError::Empty | RateError::TooLarge => Reason::InvalidUsage,
+            RateError::UnknownMeter { .. } => Reason::UnknownMeter,
+            RateError::NoPrice { .. } => Reason::NoPrice,
+        };
+        let field = e.field();
+        let detail = match &e {
+            RateError::Empty => "has no items".to_string(),
+            RateError::TooLarge => "costs more than one call may charge (1000000000 credits)".to_string(),
+            RateError::UnknownMeter { meter, .. } => format!("{meter:?} is not a meter of the price catalog"),
+            RateError::NoPrice { meter, model, .. } => format!("{model:?} has no price for meter {meter:?}"),
+        };
+        Error::invalid(field, reason, detail)
     }
 }
 

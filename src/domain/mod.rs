@@ -1,9 +1,10 @@
 //! Pure rules of the credit model: amounts, identifiers, grants and spend
-//! order, billing periods. No I/O, no tonic, sqlx or redis.
+//! order, billing periods, rating. No I/O, no tonic, sqlx or redis.
 
 pub mod grant;
 pub mod ids;
 pub mod money;
 pub mod period;
+pub mod pricing;
 
 pub use money::Credits;

@@ -6,13 +6,20 @@ use std::{collections::BTreeMap, time::Duration};
 use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
+use rust_decimal::Decimal;
+
 use crate::{
     auth::{KeyRecord, Role},
     decision::{Denial, DenialReason},
-    domain::{Credits, grant::Category, ids},
+    domain::{
+        Credits,
+        grant::Category,
+        ids,
+        pricing::{self, Rating, UsageItem},
+    },
     error::{Error, Reason, Result},
     pb,
-    service::credit::Recorded,
+    service::credit::{Cost, Recorded},
     store::{
         hot::{BalanceView, ExtendOutcome, Extended, ReserveOutcome, Reserved},
         pg::{AccountRow, GrantRow, TenantRow},
@@ -114,15 +121,93 @@ pub fn ttl(value: Option<prost_types::Duration>) -> Result<Option<Duration>> {
     Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
 }
 
-/// The `amount` branch of a cost oneof; `usage` needs the price catalog.
-pub fn cost<T>(amount_text: Option<&str>, usage: Option<&T>, sign: Sign, field: &'static str) -> Result<Credits> {
-    match (amount_text, usage) {
-        (Some(text), _) => amount(field, text, sign),
-        (None, Some(_)) => Err(Error::Unimplemented(
-            Reason::RatingUnavailable,
-            "usage-based pricing is not available yet; send an amount".into(),
-        )),
+/// A cost oneof: an amount (`sign` applies), or a usage to rate.
+pub fn cost(
+    amount_text: Option<&str>,
+    usage_value: Option<&pb::Usage>,
+    sign: Sign,
+    field: &'static str,
+    max_quantity: Decimal,
+) -> Result<Cost> {
+    match (amount_text, usage_value) {
+        (Some(text), _) => Ok(Cost::Amount(amount(field, text, sign)?)),
+        (None, Some(u)) => Ok(Cost::Usage(usage(u, max_quantity)?)),
         (None, None) => Err(Error::invalid(field, Reason::InvalidAmount, "is required (or usage)")),
+    }
+}
+
+/// At most this many items in one usage.
+pub const MAX_USAGE_ITEMS: usize = 64;
+
+pub fn usage(u: &pb::Usage, max_quantity: Decimal) -> Result<Vec<UsageItem>> {
+    if u.items.is_empty() {
+        return Err(Error::invalid("usage.items", Reason::InvalidUsage, "is empty"));
+    }
+    if u.items.len() > MAX_USAGE_ITEMS {
+        return Err(Error::invalid("usage.items", Reason::InvalidUsage, "has more than 64 items"));
+    }
+    u.items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            if !pricing::valid_name(&item.meter) {
+                return Err(Error::invalid(
+                    format!("usage.items[{i}].meter"),
+                    Reason::InvalidUsage,
+                    "must be 1-64 characters of [a-z0-9_.-]",
+                ));
+            }
+            if !item.model.is_empty() && !pricing::valid_model(&item.model) {
+                return Err(Error::invalid(
+                    format!("usage.items[{i}].model"),
+                    Reason::InvalidUsage,
+                    "must be empty or 1-128 characters of [A-Za-z0-9._:/@-]",
+                ));
+            }
+            let field = format!("usage.items[{i}].quantity");
+            let quantity = quantity(&item.quantity)
+                .map_err(|detail| Error::invalid(field.clone(), Reason::InvalidUsage, detail))?;
+            if quantity > max_quantity {
+                return Err(Error::invalid(field, Reason::InvalidUsage, format!("is above the bound {max_quantity}")));
+            }
+            Ok(UsageItem { meter: item.meter.clone(), model: item.model.clone(), quantity })
+        })
+        .collect()
+}
+
+/// A quantity: a non-negative plain decimal with at most 6 fractional digits.
+fn quantity(text: &str) -> std::result::Result<Decimal, &'static str> {
+    let syntax = !text.is_empty()
+        && text != "."
+        && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && text.bytes().filter(|b| *b == b'.').count() <= 1;
+    if !syntax {
+        return Err("must be a non-negative plain decimal like \"1200\" or \"1.5\"");
+    }
+    let value: Decimal = text.parse().map_err(|_| "is too large")?;
+    if value.scale() > 6 {
+        return Err("has more than 6 fractional digits");
+    }
+    Ok(value)
+}
+
+pub fn rating(r: &Rating) -> pb::Rating {
+    pb::Rating {
+        line_items: r
+            .lines
+            .iter()
+            .map(|l| pb::LineItem {
+                meter: l.meter.clone(),
+                model: l.model.clone(),
+                tier: l.tier.clone().unwrap_or_default(),
+                quantity: l.quantity.normalize().to_string(),
+                unit_price: l.unit_price.normalize().to_string(),
+                per_units: l.per_units,
+                subtotal: l.subtotal.normalize().to_string(),
+            })
+            .collect(),
+        total: r.total.to_string(),
+        price_version: r.version.clone(),
     }
 }
 
@@ -155,8 +240,8 @@ pub fn denial(d: &Denial) -> pb::Denial {
     }
 }
 
-pub fn reserve_response(r: &Reserved) -> pb::ReserveResponse {
-    match &r.outcome {
+pub fn reserve_response(r: &Reserved, rated: Option<&Rating>) -> pb::ReserveResponse {
+    let mut response = match &r.outcome {
         ReserveOutcome::Granted { hold_id, amount, expires_at, available } => pb::ReserveResponse {
             granted: true,
             reservation_id: hold_id.clone(),
@@ -175,11 +260,13 @@ pub fn reserve_response(r: &Reserved) -> pb::ReserveResponse {
             replayed: r.replayed,
             ..Default::default()
         },
-    }
+    };
+    response.rating = rated.map(rating);
+    response
 }
 
-pub fn authorize_response(r: &Reserved) -> pb::AuthorizeResponse {
-    match &r.outcome {
+pub fn authorize_response(r: &Reserved, rated: Option<&Rating>) -> pb::AuthorizeResponse {
+    let mut response = match &r.outcome {
         ReserveOutcome::Granted { available, .. } => {
             pb::AuthorizeResponse { granted: true, available: available.to_string(), denial: None, rating: None }
         }
@@ -189,7 +276,9 @@ pub fn authorize_response(r: &Reserved) -> pb::AuthorizeResponse {
             denial: Some(denial(d)),
             rating: None,
         },
-    }
+    };
+    response.rating = rated.map(rating);
+    response
 }
 
 pub fn extend_response(e: &Extended) -> pb::ExtendResponse {
@@ -201,6 +290,7 @@ pub fn extend_response(e: &Extended) -> pb::ExtendResponse {
             available: available.to_string(),
             denial: None,
             replayed: e.replayed,
+            rating: None,
         },
         ExtendOutcome::Denied { denial: d, amount, expires_at } => pb::ExtendResponse {
             granted: false,
@@ -209,6 +299,7 @@ pub fn extend_response(e: &Extended) -> pb::ExtendResponse {
             available: d.available.to_string(),
             denial: Some(denial(d)),
             replayed: e.replayed,
+            rating: None,
         },
     }
 }
@@ -221,7 +312,7 @@ pub fn commit_response(r: &Recorded) -> pb::CommitResponse {
         overdraft: r.overdraft.to_string(),
         available: r.available.to_string(),
         replayed: r.replayed,
-        rating: None,
+        rating: r.rating.as_ref().map(rating),
         recorded_at: Some(timestamp(r.recorded_at)),
     }
 }

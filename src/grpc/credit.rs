@@ -16,6 +16,8 @@ use crate::{
 
 pub struct CreditApi {
     pub engine: Engine,
+    /// Largest quantity of one usage item.
+    pub max_quantity: rust_decimal::Decimal,
 }
 
 impl CreditApi {
@@ -38,9 +40,9 @@ impl CreditService for CreditApi {
             Some(pb::authorize_request::Cost::Usage(u)) => (None, Some(u)),
             None => (None, None),
         };
-        let amount = convert::cost(text, usage, Sign::Positive, "amount")?;
-        let decision = self.engine.authorize(&tenant, &subject, amount).await?;
-        Ok(Response::new(convert::authorize_response(&decision)))
+        let cost = convert::cost(text, usage, Sign::Positive, "amount", self.max_quantity)?;
+        let (decision, rating) = self.engine.authorize(&tenant, &subject, &cost).await?;
+        Ok(Response::new(convert::authorize_response(&decision, rating.as_ref())))
     }
 
     async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveResponse>, Status> {
@@ -53,13 +55,13 @@ impl CreditService for CreditApi {
         };
         let input = ReserveInput {
             subject: convert::account_id("account_id", &r.account_id)?,
-            amount: convert::cost(text, usage, Sign::Positive, "amount")?,
+            cost: convert::cost(text, usage, Sign::Positive, "amount", self.max_quantity)?,
             ttl: convert::ttl(r.ttl)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
             labels: convert::labels(r.labels)?,
         };
-        let reserved = self.engine.reserve(&tenant, &input).await?;
-        Ok(Response::new(convert::reserve_response(&reserved)))
+        let (reserved, rating) = self.engine.reserve(&tenant, &input).await?;
+        Ok(Response::new(convert::reserve_response(&reserved, rating.as_ref())))
     }
 
     async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
@@ -72,7 +74,7 @@ impl CreditService for CreditApi {
         };
         let input = CommitInput {
             reservation_id: convert::reservation_id(&r.reservation_id)?,
-            amount: convert::cost(text, usage, Sign::NonNegative, "amount")?,
+            cost: convert::cost(text, usage, Sign::NonNegative, "amount", self.max_quantity)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
             labels: convert::labels(r.labels)?,
         };
@@ -105,12 +107,14 @@ impl CreditService for CreditApi {
         };
         let input = ExtendInput {
             reservation_id: convert::reservation_id(&r.reservation_id)?,
-            more: convert::cost(text, usage, Sign::NonNegative, "amount")?,
+            more: convert::cost(text, usage, Sign::NonNegative, "amount", self.max_quantity)?,
             ttl: convert::ttl(r.ttl)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
         };
-        let extended = self.engine.extend(&tenant, &input).await?;
-        Ok(Response::new(convert::extend_response(&extended)))
+        let (extended, rating) = self.engine.extend(&tenant, &input).await?;
+        let mut response = convert::extend_response(&extended);
+        response.rating = rating.as_ref().map(convert::rating);
+        Ok(Response::new(response))
     }
 
     async fn charge(&self, request: Request<pb::ChargeRequest>) -> Result<Response<pb::CommitResponse>, Status> {
@@ -123,7 +127,7 @@ impl CreditService for CreditApi {
         };
         let input = ChargeInput {
             subject: convert::account_id("account_id", &r.account_id)?,
-            amount: convert::cost(text, usage, Sign::NonNegative, "amount")?,
+            cost: convert::cost(text, usage, Sign::NonNegative, "amount", self.max_quantity)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
             labels: convert::labels(r.labels)?,
         };

@@ -6,4 +6,5 @@ pub mod admin;
 pub mod caller;
 pub mod convert;
 pub mod credit;
+pub mod pricing;
 pub mod status;

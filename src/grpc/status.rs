@@ -23,7 +23,7 @@ impl From<Error> for Status {
                 let message = format!("{field} {detail}");
                 let mut details = ErrorDetails::new();
                 details.set_error_info(reason.as_str(), DOMAIN, std::collections::HashMap::new());
-                details.add_bad_request_violation(field, &message);
+                details.add_bad_request_violation(field.as_str(), &message);
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             Error::NotFound(reason, message) => status(Code::NotFound, reason, message),

@@ -5,7 +5,7 @@
 -- ARGV[1] P   ARGV[2] amount (micro, > 0)   ARGV[3] ttl ms
 -- ARGV[4] payload hash   ARGV[5] new hold id   ARGV[6] idempotency ttl ms
 -- ARGV[7] 'reserve' | 'authorize'   ARGV[8] labels (JSON, opaque)
--- ARGV[9] max tree depth
+-- ARGV[9] max tree depth   ARGV[10] price version pinned for the commit ('' = none)
 --
 -- Replies (every number a decimal string):
 --   {'granted', replayed, hold id, amount, expires ms, available after}
@@ -14,7 +14,8 @@
 -- The hold hash: sub subject, amt amount, dc draw-chain ids (csv), d amount
 -- drawn from each (csv, aligned), cc ids of every account from the subject
 -- to the root (each got uh += amt), exp expiry ms, st state
--- (active|committing|committed|released|expired), lab labels, ep epoch.
+-- (active|committing|committed|released|expired), lab labels, ep epoch,
+-- pv price version.
 local prefix = ARGV[1]
 local amount = tonumber(ARGV[2])
 local authorize = ARGV[7] == 'authorize'
@@ -61,7 +62,7 @@ else
   end
   redis.call('HSET', KEYS[5], 'sub', subject, 'amt', fmt(amount), 'dc', table.concat(ids, ','),
     'd', table.concat(draws, ','), 'cc', table.concat(cc, ','), 'exp', fmt(exp), 'st', 'active',
-    'lab', ARGV[8], 'ep', epoch)
+    'lab', ARGV[8], 'ep', epoch, 'pv', ARGV[10])
   redis.call('ZADD', KEYS[3], exp, ARGV[5])
   reply = { 'granted', '0', ARGV[5], fmt(amount), fmt(exp), fmt(ev.avail - amount) }
 end

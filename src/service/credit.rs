@@ -14,9 +14,14 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Engine, payload_hash};
+use rust_decimal::Decimal;
+
 use crate::{
     decision::HoldState,
-    domain::Credits,
+    domain::{
+        Credits,
+        pricing::{Line, Rating, UsageItem},
+    },
     error::{Error, Reason, Result},
     store::{
         hot::{
@@ -27,9 +32,32 @@ use crate::{
     },
 };
 
+/// What a call costs: credits, or a usage to rate.
+#[derive(Clone, Debug)]
+pub enum Cost {
+    Amount(Credits),
+    Usage(Vec<UsageItem>),
+}
+
+impl Cost {
+    /// A canonical text for payload hashes.
+    fn fingerprint(&self) -> String {
+        match self {
+            Cost::Amount(a) => format!("amount:{a}"),
+            Cost::Usage(items) => {
+                let mut text = String::from("usage");
+                for i in items {
+                    text.push_str(&format!(":{}|{}|{}", i.meter, i.model, i.quantity.normalize()));
+                }
+                text
+            }
+        }
+    }
+}
+
 pub struct ReserveInput {
     pub subject: String,
-    pub amount: Credits,
+    pub cost: Cost,
     pub ttl: Option<Duration>,
     pub idempotency_key: String,
     pub labels: BTreeMap<String, String>,
@@ -37,14 +65,14 @@ pub struct ReserveInput {
 
 pub struct CommitInput {
     pub reservation_id: Uuid,
-    pub amount: Credits,
+    pub cost: Cost,
     pub idempotency_key: String,
     pub labels: BTreeMap<String, String>,
 }
 
 pub struct ChargeInput {
     pub subject: String,
-    pub amount: Credits,
+    pub cost: Cost,
     pub idempotency_key: String,
     pub labels: BTreeMap<String, String>,
 }
@@ -56,7 +84,7 @@ pub struct ReleaseInput {
 
 pub struct ExtendInput {
     pub reservation_id: Uuid,
-    pub more: Credits,
+    pub more: Cost,
     pub ttl: Option<Duration>,
     pub idempotency_key: String,
 }
@@ -71,10 +99,41 @@ pub struct Recorded {
     pub available: Credits,
     pub replayed: bool,
     pub recorded_at: DateTime<Utc>,
+    /// The line items, when the cost was a usage.
+    pub rating: Option<Rating>,
 }
 
 impl Engine {
-    pub async fn authorize(&self, tenant: &str, subject: &str, amount: Credits) -> Result<Reserved> {
+    /// Prices a cost: an amount as is, a usage with the catalog of
+    /// `version` (pinned) or the one in force now.
+    async fn price(&self, tenant: &str, cost: &Cost, version: Option<&str>) -> Result<(Credits, Option<Rating>)> {
+        match cost {
+            Cost::Amount(amount) => Ok((*amount, None)),
+            Cost::Usage(items) => {
+                let catalog = match version {
+                    Some(v) => self.pricing.catalog(tenant, v).await?,
+                    None => self.pricing.current(tenant).await?,
+                };
+                let rating = catalog.rate(items)?;
+                Ok((rating.total, Some(rating)))
+            }
+        }
+    }
+
+    /// Rates a usage with no side effects (PricingService.Quote).
+    pub async fn quote(&self, tenant: &str, items: &[UsageItem], at: Option<DateTime<Utc>>) -> Result<Rating> {
+        let catalog = match at {
+            Some(at) => {
+                let version = self.pricing.version_at(tenant, at).await?;
+                self.pricing.catalog(tenant, &version).await?
+            }
+            None => self.pricing.current(tenant).await?,
+        };
+        Ok(catalog.rate(items)?)
+    }
+
+    pub async fn authorize(&self, tenant: &str, subject: &str, cost: &Cost) -> Result<(Reserved, Option<Rating>)> {
+        let (amount, rating) = self.price(tenant, cost, None).await?;
         let call = ReserveCall {
             subject,
             amount,
@@ -82,34 +141,49 @@ impl Engine {
             idempotency_key: None,
             payload_hash: "",
             labels_json: "",
+            price_version: "",
         };
-        self.hot.reserve(tenant, &call).await.map_err(|e| self.account_error(e, subject))
+        let reserved = self.hot.reserve(tenant, &call).await.map_err(|e| self.account_error(e, subject))?;
+        Ok((reserved, rating))
     }
 
-    pub async fn reserve(&self, tenant: &str, input: &ReserveInput) -> Result<Reserved> {
+    pub async fn reserve(&self, tenant: &str, input: &ReserveInput) -> Result<(Reserved, Option<Rating>)> {
         let ttl = self.ttl(input.ttl)?;
         let labels_json = labels_json(&input.labels);
         let ttl_ms = ttl.as_millis().to_string();
-        let amount = input.amount.to_string();
-        let hash = payload_hash(&["reserve", &input.subject, &amount, &ttl_ms, &labels_json]);
+        let hash = payload_hash(&["reserve", &input.subject, &input.cost.fingerprint(), &ttl_ms, &labels_json]);
+        let (amount, rating) = self.price(tenant, &input.cost, None).await?;
+        let version = rating.as_ref().map(|r| r.version.as_str()).unwrap_or_default();
         let call = ReserveCall {
             subject: &input.subject,
-            amount: input.amount,
+            amount,
             ttl,
             idempotency_key: Some(&input.idempotency_key),
             payload_hash: &hash,
             labels_json: &labels_json,
+            price_version: version,
         };
-        self.hot.reserve(tenant, &call).await.map_err(|e| self.account_error(e, &input.subject))
+        let reserved = self.hot.reserve(tenant, &call).await.map_err(|e| self.account_error(e, &input.subject))?;
+        Ok((reserved, rating))
+    }
+
+    /// The version a hold pinned, for rating its commit or extension.
+    async fn pinned_version(&self, tenant: &str, cost: &Cost, hold_id: &str) -> Result<Option<String>> {
+        match cost {
+            Cost::Amount(_) => Ok(None),
+            Cost::Usage(_) => self.hot.price_version(tenant, hold_id).await.map_err(|e| self.hot_error(e)),
+        }
     }
 
     pub async fn commit(&self, tenant: &str, input: &CommitInput) -> Result<Recorded> {
         let rid = input.reservation_id.to_string();
-        let hash = payload_hash(&["commit", &rid, &input.amount.to_string(), &labels_json(&input.labels)]);
+        let hash = payload_hash(&["commit", &rid, &input.cost.fingerprint(), &labels_json(&input.labels)]);
+        let version = self.pinned_version(tenant, &input.cost, &rid).await?;
+        let (cost, rating) = self.price(tenant, &input.cost, version.as_deref()).await?;
         let event_id = Uuid::now_v7().to_string();
         let call = CommitCall {
             target: CommitTarget::Hold(&rid),
-            cost: input.amount,
+            cost,
             idempotency_key: &input.idempotency_key,
             payload_hash: &hash,
             event_id: &event_id,
@@ -134,22 +208,25 @@ impl Engine {
         };
         let mut labels = prepared.labels.clone();
         labels.extend(input.labels.clone());
-        self.make_durable(tenant, prepared, Some(input.reservation_id), &input.idempotency_key, &hash, labels).await
+        let durable = Durable { reservation_id: Some(input.reservation_id), key: &input.idempotency_key, hash: &hash };
+        self.make_durable(tenant, prepared, durable, labels, rating).await
     }
 
     pub async fn charge(&self, tenant: &str, input: &ChargeInput) -> Result<Recorded> {
         let labels_json = labels_json(&input.labels);
-        let hash = payload_hash(&["charge", &input.subject, &input.amount.to_string(), &labels_json]);
+        let hash = payload_hash(&["charge", &input.subject, &input.cost.fingerprint(), &labels_json]);
+        let (cost, rating) = self.price(tenant, &input.cost, None).await?;
         let event_id = Uuid::now_v7().to_string();
         let call = CommitCall {
             target: CommitTarget::Charge { subject: &input.subject, labels_json: &labels_json },
-            cost: input.amount,
+            cost,
             idempotency_key: &input.idempotency_key,
             payload_hash: &hash,
             event_id: &event_id,
         };
         let prepared = self.hot.commit(tenant, &call).await.map_err(|e| self.account_error(e, &input.subject))?;
-        self.make_durable(tenant, prepared, None, &input.idempotency_key, &hash, input.labels.clone()).await
+        let durable = Durable { reservation_id: None, key: &input.idempotency_key, hash: &hash };
+        self.make_durable(tenant, prepared, durable, input.labels.clone(), rating).await
     }
 
     pub async fn release(&self, tenant: &str, input: &ReleaseInput) -> Result<Released> {
@@ -162,22 +239,20 @@ impl Engine {
         })
     }
 
-    pub async fn extend(&self, tenant: &str, input: &ExtendInput) -> Result<Extended> {
+    pub async fn extend(&self, tenant: &str, input: &ExtendInput) -> Result<(Extended, Option<Rating>)> {
         let ttl = self.ttl(input.ttl)?;
         let rid = input.reservation_id.to_string();
-        let hash = payload_hash(&["extend", &rid, &input.more.to_string(), &ttl.as_millis().to_string()]);
-        let call = ExtendCall {
-            hold_id: &rid,
-            more: input.more,
-            ttl,
-            idempotency_key: &input.idempotency_key,
-            payload_hash: &hash,
-        };
-        self.hot.extend(tenant, &call).await.map_err(|e| match e {
+        let hash = payload_hash(&["extend", &rid, &input.more.fingerprint(), &ttl.as_millis().to_string()]);
+        let version = self.pinned_version(tenant, &input.more, &rid).await?;
+        let (more, rating) = self.price(tenant, &input.more, version.as_deref()).await?;
+        let call =
+            ExtendCall { hold_id: &rid, more, ttl, idempotency_key: &input.idempotency_key, payload_hash: &hash };
+        let extended = self.hot.extend(tenant, &call).await.map_err(|e| match e {
             HotError::NoHold => Error::NotFound(Reason::ReservationNotFound, format!("reservation {rid} not found")),
             HotError::HoldState(state) => hold_state_error(&rid, state),
             e => self.hot_error(e),
-        })
+        })?;
+        Ok((extended, rating))
     }
 
     pub async fn balance(&self, tenant: &str, subject: &str) -> Result<BalanceView> {
@@ -190,11 +265,11 @@ impl Engine {
         &self,
         tenant: &str,
         prepared: Prepared,
-        reservation_id: Option<Uuid>,
-        idempotency_key: &str,
-        hash: &str,
+        durable: Durable<'_>,
         labels: BTreeMap<String, String>,
+        rating: Option<Rating>,
     ) -> Result<Recorded> {
+        let Durable { reservation_id, key: idempotency_key, hash } = durable;
         let event_id = Uuid::parse_str(&prepared.event_id)
             .map_err(|_| Error::internal(format!("hold {} carries a malformed event id", prepared.hold_id)))?;
         let event = NewEvent {
@@ -211,6 +286,8 @@ impl Engine {
             labels: serde_json::to_value(&labels).unwrap_or_default(),
             hot_epoch: prepared.epoch.clone(),
             recorded_at: prepared.recorded_at,
+            price_version: rating.as_ref().map(|r| r.version.clone()),
+            line_items: rating.as_ref().map(|r| lines_json(&r.lines)),
         };
         match self.committer.write(event).await {
             Ok(Inserted::New) => {}
@@ -244,6 +321,7 @@ impl Engine {
             available: prepared.available,
             replayed: prepared.replayed,
             recorded_at: prepared.recorded_at,
+            rating,
         })
     }
 
@@ -276,6 +354,12 @@ impl Engine {
             available,
             replayed: true,
             recorded_at: row.recorded_at,
+            rating: match (row.price_version, row.line_items) {
+                (Some(version), Some(lines)) => {
+                    Some(Rating { lines: lines_from_json(&lines)?, total: row.amount, version })
+                }
+                _ => None,
+            },
         })
     }
 
@@ -311,6 +395,52 @@ impl Engine {
         }
         e.into()
     }
+}
+
+/// How a prepared usage is identified in PostgreSQL.
+struct Durable<'a> {
+    reservation_id: Option<Uuid>,
+    key: &'a str,
+    hash: &'a str,
+}
+
+/// Line items as stored with the usage event (decimals as strings).
+fn lines_json(lines: &[Line]) -> serde_json::Value {
+    serde_json::Value::Array(
+        lines
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "meter": l.meter, "model": l.model, "tier": l.tier,
+                    "quantity": l.quantity.normalize().to_string(),
+                    "unit_price": l.unit_price.normalize().to_string(),
+                    "per_units": l.per_units,
+                    "subtotal": l.subtotal.normalize().to_string(),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn lines_from_json(value: &serde_json::Value) -> Result<Vec<Line>> {
+    let bad = || Error::internal("stored line items are unreadable");
+    let decimal = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse::<Decimal>().ok()).ok_or_else(bad);
+    value
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|l| {
+            Ok(Line {
+                meter: l["meter"].as_str().ok_or_else(bad)?.to_string(),
+                model: l["model"].as_str().unwrap_or_default().to_string(),
+                tier: l["tier"].as_str().map(str::to_string),
+                quantity: decimal(&l["quantity"])?,
+                unit_price: decimal(&l["unit_price"])?,
+                per_units: l["per_units"].as_i64().ok_or_else(bad)?,
+                subtotal: decimal(&l["subtotal"])?,
+            })
+        })
+        .collect()
 }
 
 fn hold_state_error(rid: &str, state: HoldState) -> Error {

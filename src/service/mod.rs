@@ -5,6 +5,7 @@ pub mod admin;
 pub mod committer;
 pub mod credit;
 pub mod jobs;
+pub mod pricing;
 
 use std::{
     collections::HashSet,
@@ -40,6 +41,7 @@ pub struct Engine {
     pub pg: PgStore,
     pub committer: Committer,
     pub keys: KeyStore,
+    pub pricing: pricing::Pricing,
     pub limits: Limits,
     pub tenants: Tenants,
     /// Wakes the health job at once when a call finds a tenant unloaded.

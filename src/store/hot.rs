@@ -208,6 +208,8 @@ pub struct ReserveCall<'a> {
     pub idempotency_key: Option<&'a str>,
     pub payload_hash: &'a str,
     pub labels_json: &'a str,
+    /// Price version to pin for the commit ("" when not rated).
+    pub price_version: &'a str,
 }
 
 impl HotStore {
@@ -267,6 +269,7 @@ impl HotStore {
             .arg(mode)
             .arg(call.labels_json)
             .arg(self.max_depth)
+            .arg(call.price_version)
             .invoke_async(&mut self.conn.clone())
             .await?;
         let r = Reply::new(&reply);
@@ -283,6 +286,12 @@ impl HotStore {
             "denied" => Ok(Reserved { replayed: r.flag(1)?, outcome: ReserveOutcome::Denied(r.denial(2)?) }),
             other => Err(r.failure(other)),
         }
+    }
+
+    /// The price version a hold pinned ("" or `None`: none, or no hold).
+    pub async fn price_version(&self, tenant: &str, hold_id: &str) -> HotResult<Option<String>> {
+        let pv: Option<String> = self.conn.clone().hget(self.keys(tenant).hold(hold_id), "pv").await?;
+        Ok(pv.filter(|v| !v.is_empty()))
     }
 
     /// The prepare step of Commit (hold given) or Charge (subject given).

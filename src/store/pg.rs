@@ -143,6 +143,9 @@ pub struct NewEvent {
     pub labels: serde_json::Value,
     pub hot_epoch: String,
     pub recorded_at: DateTime<Utc>,
+    /// The price version and line items when the usage was rated.
+    pub price_version: Option<String>,
+    pub line_items: Option<serde_json::Value>,
 }
 
 impl NewEvent {
@@ -162,6 +165,8 @@ pub struct EventRow {
     pub held: Credits,
     pub overdraft: Credits,
     pub recorded_at: DateTime<Utc>,
+    pub price_version: Option<String>,
+    pub line_items: Option<serde_json::Value>,
 }
 
 /// What happened to one event of a batch insert.
@@ -200,7 +205,7 @@ pub struct PgStore {
     pool: PgPool,
 }
 
-const EVENT_COLUMNS: &str = "event_id, account_id, reservation_id, payload_hash, amount, held, overdraft, recorded_at";
+const EVENT_COLUMNS: &str = "event_id, account_id, reservation_id, payload_hash, amount, held, overdraft, recorded_at, price_version, line_items";
 
 const GRANT_SELECT: &str = "SELECT g.grant_id, g.account_id, g.amount, g.category, g.priority, g.effective_at, \
      g.expires_at, g.description, g.payload_hash, g.credited_at, g.voided_at, g.void_reason, g.void_hash, \
@@ -692,17 +697,20 @@ impl PgStore {
                     "labels": e.labels,
                     "hot_epoch": e.hot_epoch,
                     "recorded_at": e.recorded_at,
+                    "price_version": e.price_version,
+                    "line_items": e.line_items,
                 })
             })
             .collect();
         let written: Vec<Uuid> = sqlx::query_scalar(
             "INSERT INTO usage_events (event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, \
-               payload_hash, amount, held, overdraft, draws, labels, hot_epoch, recorded_at) \
+               payload_hash, amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items) \
              SELECT event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
-               amount, held, overdraft, draws, labels, hot_epoch, recorded_at \
+               amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items \
              FROM jsonb_to_recordset($1) AS r(event_id uuid, tenant_id text, account_id text, reservation_id uuid, \
                kind text, idempotency_key text, payload_hash text, amount numeric, held numeric, overdraft numeric, \
-               draws jsonb, labels jsonb, hot_epoch text, recorded_at timestamptz) \
+               draws jsonb, labels jsonb, hot_epoch text, recorded_at timestamptz, price_version text, \
+               line_items jsonb) \
              ON CONFLICT DO NOTHING RETURNING event_id",
         )
         .bind(serde_json::Value::Array(rows))
@@ -875,6 +883,128 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(key_row).collect()
+    }
+}
+
+/// A stored price book.
+#[derive(Clone, Debug)]
+pub struct BookRow {
+    pub book_id: i64,
+    pub tenant_id: Option<String>,
+    pub effective_at: DateTime<Utc>,
+    pub content: serde_json::Value,
+    pub content_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+fn book_row(r: sqlx::postgres::PgRow) -> BookRow {
+    BookRow {
+        book_id: r.get(0),
+        tenant_id: r.get(1),
+        effective_at: r.get(2),
+        content: r.get(3),
+        content_hash: r.get(4),
+        created_at: r.get(5),
+    }
+}
+
+const BOOK_COLUMNS: &str = "book_id, tenant_id, effective_at, content, content_hash, created_at";
+
+impl PgStore {
+    pub async fn book(&self, book_id: i64) -> PgResult<Option<BookRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {BOOK_COLUMNS} FROM price_books WHERE book_id = $1")))
+            .bind(book_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(book_row))
+    }
+
+    /// The book of a scope (`None`: the default catalog) in force at `at`.
+    pub async fn book_in_force(&self, tenant: Option<&str>, at: DateTime<Utc>) -> PgResult<Option<BookRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {BOOK_COLUMNS} FROM price_books WHERE tenant_id IS NOT DISTINCT FROM $1 AND effective_at <= $2 \
+             ORDER BY effective_at DESC, book_id DESC LIMIT 1"
+        )))
+        .bind(tenant)
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(book_row))
+    }
+
+    /// The most recent book of a scope, whatever its effective time.
+    pub async fn latest_book(&self, tenant: Option<&str>) -> PgResult<Option<BookRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {BOOK_COLUMNS} FROM price_books WHERE tenant_id IS NOT DISTINCT FROM $1 \
+             ORDER BY effective_at DESC, book_id DESC LIMIT 1"
+        )))
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(book_row))
+    }
+
+    /// Writes a book computed by `make` from the scope's latest one, under
+    /// a per-scope lock so concurrent writers compose. Returns the stored
+    /// book and whether it is new (false: the idempotency key was used; the
+    /// caller compares hashes). `make` returning `None` writes nothing.
+    pub async fn write_book<F>(
+        &self,
+        tenant: Option<&str>,
+        idempotency: Option<(&str, &str)>,
+        effective_at: DateTime<Utc>,
+        make: F,
+    ) -> PgResult<Option<(BookRow, bool)>>
+    where
+        F: FnOnce(Option<&BookRow>) -> Option<(serde_json::Value, String)>,
+    {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('creditd.prices.' || COALESCE($1, ''), 0))")
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+        if let Some((key, payload_hash)) = idempotency {
+            let used = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {BOOK_COLUMNS}, payload_hash FROM price_books \
+                 WHERE tenant_id IS NOT DISTINCT FROM $1 AND idempotency_key = $2"
+            )))
+            .bind(tenant)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = used {
+                let stored_hash: Option<String> = row.get(6);
+                if stored_hash.as_deref() != Some(payload_hash) {
+                    return Err(PgError::KeyReused);
+                }
+                return Ok(Some((book_row(row), false)));
+            }
+        }
+        let latest = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {BOOK_COLUMNS} FROM price_books WHERE tenant_id IS NOT DISTINCT FROM $1 \
+             ORDER BY effective_at DESC, book_id DESC LIMIT 1"
+        )))
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(book_row);
+        let Some((content, hash)) = make(latest.as_ref()) else {
+            return Ok(None);
+        };
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO price_books (tenant_id, effective_at, content, content_hash, idempotency_key, payload_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {BOOK_COLUMNS}"
+        )))
+        .bind(tenant)
+        .bind(effective_at)
+        .bind(content)
+        .bind(hash)
+        .bind(idempotency.map(|(k, _)| k))
+        .bind(idempotency.map(|(_, h)| h))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some((book_row(row), true)))
     }
 }
 
@@ -1142,5 +1272,7 @@ fn event_row(r: sqlx::postgres::PgRow) -> PgResult<EventRow> {
         held: credits(r.get(5))?,
         overdraft: credits(r.get(6))?,
         recorded_at: r.get(7),
+        price_version: r.get(8),
+        line_items: r.get(9),
     })
 }

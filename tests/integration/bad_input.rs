@@ -36,7 +36,11 @@ fn now_secs() -> i64 {
 
 fn usage() -> pb::Usage {
     pb::Usage {
-        items: vec![pb::UsageItem { meter: "input_tokens".into(), model: "gpt-x".into(), quantity: "1200".into() }],
+        items: vec![pb::UsageItem {
+            meter: "input_tokens".into(),
+            model: "unpriced-model".into(),
+            quantity: "1200".into(),
+        }],
     }
 }
 
@@ -408,8 +412,8 @@ fn table(f: &Fixture) -> Vec<Row> {
                 cost: Some(pb::reserve_request::Cost::Usage(usage())),
                 ..reserve("alice", "1")
             }),
-            Code::Unimplemented,
-            "RATING_UNAVAILABLE",
+            Code::InvalidArgument,
+            "NO_PRICE",
         ),
         // ---- Authorize ---------------------------------------------------
         invalid("authorize zero", Authorize(authorize("alice", "0")), "INVALID_AMOUNT", "amount"),
@@ -428,8 +432,8 @@ fn table(f: &Fixture) -> Vec<Row> {
                 account_id: "alice".into(),
                 cost: Some(pb::authorize_request::Cost::Usage(usage())),
             }),
-            Code::Unimplemented,
-            "RATING_UNAVAILABLE",
+            Code::InvalidArgument,
+            "NO_PRICE",
         ),
         // ---- Commit (of the live hold unless said otherwise) ------------
         invalid("commit negative", Commit(commit(&f.hold, "-1")), "INVALID_AMOUNT", "amount"),
@@ -484,8 +488,8 @@ fn table(f: &Fixture) -> Vec<Row> {
         fails(
             "commit usage",
             Commit(pb::CommitRequest { cost: Some(pb::commit_request::Cost::Usage(usage())), ..commit(&f.hold, "1") }),
-            Code::Unimplemented,
-            "RATING_UNAVAILABLE",
+            Code::InvalidArgument,
+            "NO_PRICE",
         ),
         fails("commit unknown tenant", Commit(commit(&f.hold, "1")), Code::Unauthenticated, "MISSING_CREDENTIALS")
             .sent_by(Some("nosuch")),
@@ -559,8 +563,8 @@ fn table(f: &Fixture) -> Vec<Row> {
         fails(
             "extend usage",
             Extend(pb::ExtendRequest { more: Some(pb::extend_request::More::Usage(usage())), ..extend(&f.hold, "1") }),
-            Code::Unimplemented,
-            "RATING_UNAVAILABLE",
+            Code::InvalidArgument,
+            "NO_PRICE",
         ),
         // ---- Charge ------------------------------------------------------
         invalid("charge negative", Charge(charge("alice", "-0.5")), "INVALID_AMOUNT", "amount"),
@@ -593,8 +597,8 @@ fn table(f: &Fixture) -> Vec<Row> {
         fails(
             "charge usage",
             Charge(pb::ChargeRequest { cost: Some(pb::charge_request::Cost::Usage(usage())), ..charge("alice", "1") }),
-            Code::Unimplemented,
-            "RATING_UNAVAILABLE",
+            Code::InvalidArgument,
+            "NO_PRICE",
         ),
         // ---- GetBalance --------------------------------------------------
         invalid("balance account with space", GetBalance(balance("a b")), "INVALID_ACCOUNT_ID", "account_id"),

@@ -16,7 +16,10 @@ use creditd::{
     app::App,
     auth::Role,
     config::{Config, Sources},
-    pb::{self, admin_service_client::AdminServiceClient, credit_service_client::CreditServiceClient},
+    pb::{
+        self, admin_service_client::AdminServiceClient, credit_service_client::CreditServiceClient,
+        pricing_service_client::PricingServiceClient,
+    },
 };
 use rand::Rng;
 use tokio::sync::oneshot;
@@ -120,6 +123,8 @@ pub struct TestApp {
     /// Plain clients: what a request carries is what is sent.
     pub raw_credit: CreditServiceClient<Channel>,
     pub raw_admin: AdminServiceClient<Channel>,
+    pricing: PricingServiceClient<Intercepted>,
+    raw_pricing: PricingServiceClient<Channel>,
     /// tenant (or `!operator`) → API key.
     pub keys: Arc<Mutex<HashMap<String, String>>>,
     pub engine: creditd::service::Engine,
@@ -191,7 +196,9 @@ impl TestApp {
             addr,
             backends,
             credit: CreditServiceClient::with_interceptor(channel.clone(), injector.clone()),
-            admin: AdminServiceClient::with_interceptor(channel.clone(), injector),
+            admin: AdminServiceClient::with_interceptor(channel.clone(), injector.clone()),
+            pricing: PricingServiceClient::with_interceptor(channel.clone(), injector),
+            raw_pricing: PricingServiceClient::new(channel.clone()),
             raw_credit: CreditServiceClient::new(channel.clone()),
             raw_admin: AdminServiceClient::new(channel),
             keys,
@@ -237,6 +244,16 @@ impl TestApp {
             .expect("create api key")
             .into_inner()
             .key
+    }
+
+    /// PricingService, with keys injected like `credit` and `admin`.
+    pub fn credit_pricing(&self) -> PricingServiceClient<Intercepted> {
+        self.pricing.clone()
+    }
+
+    /// PricingService, sending exactly what a request carries.
+    pub fn pricing_raw(&self) -> PricingServiceClient<Channel> {
+        self.raw_pricing.clone()
     }
 
     /// Uses the tenants' keys of another app (a replica sharing backends).

@@ -8,5 +8,6 @@ mod bad_input;
 mod exactness;
 mod hot_path;
 mod idempotency;
+mod pricing;
 mod recovery;
 mod security;

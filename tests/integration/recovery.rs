@@ -145,6 +145,8 @@ async fn a_durable_commit_left_unfinalized_is_finalized_not_reverted() {
         labels: serde_json::json!({}),
         hot_epoch: prepared.epoch.clone(),
         recorded_at: prepared.recorded_at,
+        price_version: None,
+        line_items: None,
     }])
     .await
     .unwrap();
