@@ -127,6 +127,7 @@ impl App {
             committer,
             keys,
             pricing,
+            clock: Default::default(),
             limits: Limits {
                 default_ttl: config.hot.default_ttl,
                 min_ttl: config.hot.min_ttl,

@@ -24,6 +24,8 @@ pub async fn seed(engine: &Engine, max_depth: u32) -> Result<String> {
             credit_value: rust_decimal::Decimal::new(1, 2),
             currency: "USD".into(),
             time_zone: "UTC".into(),
+            period: None,
+            grant_limits: Default::default(),
         })
         .await?;
     let account = |id: &str, parent: Option<&str>, kind: &str, pool: bool, cap: Option<i64>| NewAccount {
@@ -33,6 +35,8 @@ pub async fn seed(engine: &Engine, max_depth: u32) -> Result<String> {
         display_name: String::new(),
         pool_access: pool,
         cap: cap.and_then(Credits::from_whole),
+        period: None,
+        tier: String::new(),
     };
     engine.create_account(TENANT, account("acme", None, "organization", false, None), max_depth).await?;
     engine.create_account(TENANT, account("alice", Some("acme"), "user", true, None), max_depth).await?;
@@ -43,8 +47,10 @@ pub async fn seed(engine: &Engine, max_depth: u32) -> Result<String> {
         category,
         priority: None,
         effective_at: None,
-        expires_at: None,
+        expiry: crate::service::admin::GrantExpiry::Never,
         description: "demo".into(),
+        reason: String::new(),
+        actor: String::new(),
         idempotency_key: key.into(),
     };
     engine.create_grant(TENANT, grant("acme", 10_000, Category::Plan, "demo-acme-plan")).await?;

@@ -1,5 +1,7 @@
 //! `creditd.v1.AdminService`.
 
+use std::collections::BTreeMap;
+
 use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
@@ -9,11 +11,13 @@ use super::{
 };
 use crate::{
     auth::Role,
+    domain::{Credits, grant::Category},
     error::{Error, Reason},
     pb::{self, admin_service_server::AdminService},
     service::{
         Engine,
-        admin::{NewAccount, NewGrant, NewTenant, VoidInput},
+        admin::{GrantExpiry, NewAccount, NewGrant, NewTenant, VoidInput},
+        policy::{NewAllowance, RequestedChange},
     },
     store::pg::AccountUpdate,
 };
@@ -27,6 +31,48 @@ impl AdminApi {
     async fn tenant<T>(&self, request: &Request<T>) -> Result<String, Status> {
         Ok(tenant(&self.engine, request, Need::Admin).await?)
     }
+}
+
+fn grant_limits(map: std::collections::HashMap<String, i32>) -> Result<BTreeMap<String, i32>, Error> {
+    for (category, limit) in &map {
+        if Category::parse(category).is_none() {
+            return Err(Error::invalid(
+                format!("grant_limits[{category:?}]"),
+                Reason::InvalidArgument,
+                "is not a category",
+            ));
+        }
+        if *limit < 0 {
+            return Err(Error::invalid(
+                format!("grant_limits[{category:?}]"),
+                Reason::InvalidArgument,
+                "must not be negative",
+            ));
+        }
+    }
+    Ok(map.into_iter().collect())
+}
+
+fn tier(value: String) -> Result<String, Error> {
+    if value.chars().count() > 64 {
+        return Err(Error::invalid("tier", Reason::InvalidArgument, "is longer than 64 characters"));
+    }
+    Ok(value)
+}
+
+fn short_text(field: &'static str, value: String) -> Result<String, Error> {
+    if value.chars().count() > 512 {
+        return Err(Error::invalid(field, Reason::InvalidArgument, "is longer than 512 characters"));
+    }
+    Ok(value)
+}
+
+fn required_text(field: &'static str, value: String) -> Result<String, Error> {
+    let value = value.trim().to_string();
+    if value.is_empty() {
+        return Err(Error::invalid(field, Reason::InvalidArgument, "is required"));
+    }
+    short_text(field, value)
 }
 
 fn text_or(value: String, default: &str) -> String {
@@ -62,6 +108,8 @@ impl AdminService for AdminApi {
                 credit_value: Decimal::from(credit_value.micros()) / Decimal::from(1_000_000),
                 currency,
                 time_zone,
+                period: convert::period_spec("default_period", r.default_period)?,
+                grant_limits: grant_limits(r.grant_limits)?,
             })
             .await?;
         Ok(Response::new(convert::tenant(&tenant)))
@@ -172,6 +220,8 @@ impl AdminService for AdminApi {
             display_name: r.display_name,
             pool_access: r.pool_access,
             cap: convert::optional_amount("cap", &r.cap)?,
+            period: convert::period_spec("period", r.period)?,
+            tier: tier(r.tier)?,
         };
         let account = self.engine.create_account(&tenant, input, self.max_depth).await?;
         Ok(Response::new(convert::account(&account)))
@@ -192,6 +242,7 @@ impl AdminService for AdminApi {
             },
             suspended: r.suspended,
             display_name: r.display_name,
+            tier: r.tier.map(tier).transpose()?,
         };
         let account = self.engine.update_account(&tenant, update).await?;
         Ok(Response::new(convert::account(&account)))
@@ -234,8 +285,22 @@ impl AdminService for AdminApi {
             category: convert::category(r.category)?,
             priority: r.priority,
             effective_at: convert::from_timestamp("effective_at", r.effective_at)?,
-            expires_at: convert::from_timestamp("expires_at", r.expires_at)?,
+            expiry: match (convert::from_timestamp("expires_at", r.expires_at)?, r.expire_at_period_end) {
+                (None, false) => GrantExpiry::Never,
+                (Some(at), false) => GrantExpiry::At(at),
+                (None, true) => GrantExpiry::PeriodEnd,
+                (Some(_), true) => {
+                    return Err(Error::invalid(
+                        "expire_at_period_end",
+                        Reason::InvalidArgument,
+                        "cannot be set together with expires_at",
+                    )
+                    .into());
+                }
+            },
             description: r.description,
+            reason: short_text("reason", r.reason)?,
+            actor: short_text("actor", r.actor)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
         };
         let grant = self.engine.create_grant(&tenant, input).await?;
@@ -275,5 +340,186 @@ impl AdminService for AdminApi {
         let account_id = convert::account_id("account_id", &r.account_id)?;
         let grants = self.engine.list_grants(&tenant, &account_id, r.include_inactive).await?;
         Ok(Response::new(pb::ListGrantsResponse { grants: grants.iter().map(convert::grant).collect() }))
+    }
+
+    async fn create_allowance(
+        &self,
+        request: Request<pb::CreateAllowanceRequest>,
+    ) -> Result<Response<pb::Allowance>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let (rollover, rollover_max) = match pb::RolloverKind::try_from(r.rollover) {
+            Ok(pb::RolloverKind::Unspecified | pb::RolloverKind::None) => ("none", None),
+            Ok(pb::RolloverKind::All) => ("all", None),
+            Ok(pb::RolloverKind::UpTo) => {
+                ("up_to", Some(convert::amount("rollover_max", &r.rollover_max, Sign::NonNegative)?))
+            }
+            Err(_) => return Err(Error::invalid("rollover", Reason::InvalidArgument, "is not a RolloverKind").into()),
+        };
+        if rollover != "up_to" && !r.rollover_max.is_empty() {
+            return Err(
+                Error::invalid("rollover_max", Reason::InvalidArgument, "is only for ROLLOVER_KIND_UP_TO").into()
+            );
+        }
+        let category = if r.category == 0 { Category::Plan } else { convert::category(r.category)? };
+        let input = NewAllowance {
+            account_id: convert::account_id("account_id", &r.account_id)?,
+            amount: convert::amount("amount", &r.amount, Sign::Positive)?,
+            category,
+            priority: r.priority,
+            rollover,
+            rollover_max,
+            description: short_text("description", r.description)?,
+            idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
+        };
+        let (allowance, _) = self.engine.create_allowance(&tenant, input).await?;
+        Ok(Response::new(convert::allowance(&allowance)))
+    }
+
+    async fn list_allowances(
+        &self,
+        request: Request<pb::ListAllowancesRequest>,
+    ) -> Result<Response<pb::ListAllowancesResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let account = convert::account_id("account_id", &request.get_ref().account_id)?;
+        let rows = self.engine.list_allowances(&tenant, &account).await?;
+        Ok(Response::new(pb::ListAllowancesResponse { allowances: rows.iter().map(convert::allowance).collect() }))
+    }
+
+    async fn end_allowance(
+        &self,
+        request: Request<pb::EndAllowanceRequest>,
+    ) -> Result<Response<pb::Allowance>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let id = convert::uuid_field("allowance_id", Reason::InvalidArgument, &request.get_ref().allowance_id)?;
+        Ok(Response::new(convert::allowance(&self.engine.end_allowance(&tenant, id).await?)))
+    }
+
+    async fn adjust_balance(
+        &self,
+        request: Request<pb::AdjustBalanceRequest>,
+    ) -> Result<Response<pb::Adjustment>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let account_id = convert::account_id("account_id", &r.account_id)?;
+        let amount = Credits::parse(&r.amount).map_err(|e| Error::invalid("amount", Reason::InvalidAmount, e))?;
+        if amount == Credits::ZERO {
+            return Err(Error::invalid("amount", Reason::InvalidAmount, "must not be zero").into());
+        }
+        let reason = required_text("reason", r.reason)?;
+        let actor = required_text("actor", r.actor)?;
+        let key = convert::idempotency_key(&r.idempotency_key)?;
+        if amount > Credits::ZERO {
+            let grant = self
+                .engine
+                .create_grant(
+                    &tenant,
+                    NewGrant {
+                        account_id: account_id.clone(),
+                        amount,
+                        category: if r.refund { Category::Refund } else { Category::Adjustment },
+                        priority: None,
+                        effective_at: None,
+                        expiry: GrantExpiry::Never,
+                        description: reason.clone(),
+                        reason,
+                        actor,
+                        idempotency_key: key,
+                    },
+                )
+                .await?;
+            let balance = self.engine.own_balance(&tenant, &account_id).await?;
+            return Ok(Response::new(pb::Adjustment {
+                account_id,
+                amount: grant.amount.to_string(),
+                grant_id: grant.grant_id.to_string(),
+                balance: balance.to_string(),
+                replayed: false,
+            }));
+        }
+        if r.refund {
+            return Err(Error::invalid("refund", Reason::InvalidArgument, "a refund must be a positive amount").into());
+        }
+        let debit = Credits::ZERO.checked_sub(amount).unwrap_or_default();
+        let (balance, created) = self.engine.debit(&tenant, &account_id, debit, &reason, &actor, &key).await?;
+        Ok(Response::new(pb::Adjustment {
+            account_id,
+            amount: amount.to_string(),
+            grant_id: String::new(),
+            balance: balance.to_string(),
+            replayed: !created,
+        }))
+    }
+
+    async fn request_account_change(
+        &self,
+        request: Request<pb::RequestAccountChangeRequest>,
+    ) -> Result<Response<pb::AccountChange>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Runtime).await?;
+        let r = request.into_inner();
+        let account = convert::account_id("account_id", &r.account_id)?;
+        if let Some(cap) = &r.cap {
+            convert::optional_amount("cap", cap)?;
+        }
+        if r.pool_access.is_none() && r.cap.is_none() && r.tier.is_none() {
+            return Err(Error::invalid(
+                "pool_access",
+                Reason::InvalidArgument,
+                "nothing to change: set pool_access, cap or tier",
+            )
+            .into());
+        }
+        let change = RequestedChange { pool_access: r.pool_access, cap: r.cap, tier: r.tier.map(tier).transpose()? };
+        let note = short_text("note", r.note)?;
+        let key = convert::idempotency_key(&r.idempotency_key)?;
+        let (row, _) = self.engine.request_change(&tenant, &account, &change, &note, &key).await?;
+        Ok(Response::new(convert::change(&row)))
+    }
+
+    async fn decide_account_change(
+        &self,
+        request: Request<pb::DecideAccountChangeRequest>,
+    ) -> Result<Response<pb::AccountChange>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let r = request.into_inner();
+        let id = convert::uuid_field("change_id", Reason::InvalidArgument, &r.change_id)?;
+        let note = short_text("note", r.note)?;
+        Ok(Response::new(convert::change(&self.engine.decide_change(&tenant, id, r.approve, &note).await?)))
+    }
+
+    async fn list_account_changes(
+        &self,
+        request: Request<pb::ListAccountChangesRequest>,
+    ) -> Result<Response<pb::ListAccountChangesResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let status = match pb::ChangeStatus::try_from(request.get_ref().status) {
+            Ok(pb::ChangeStatus::Unspecified) => None,
+            Ok(pb::ChangeStatus::Pending) => Some("pending"),
+            Ok(pb::ChangeStatus::Approved) => Some("approved"),
+            Ok(pb::ChangeStatus::Denied) => Some("denied"),
+            Err(_) => return Err(Error::invalid("status", Reason::InvalidArgument, "is not a ChangeStatus").into()),
+        };
+        let rows = self.engine.pg.changes(&tenant, status).await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListAccountChangesResponse { changes: rows.iter().map(convert::change).collect() }))
+    }
+
+    async fn check_balances(
+        &self,
+        request: Request<pb::CheckBalancesRequest>,
+    ) -> Result<Response<pb::CheckBalancesResponse>, Status> {
+        let tenant = self.tenant(&request).await?;
+        let (checked, drifts) = self.engine.check_balances(&tenant).await?;
+        Ok(Response::new(pb::CheckBalancesResponse {
+            accounts_checked: checked as i64,
+            drifts: drifts
+                .iter()
+                .map(|d| pb::BalanceDrift {
+                    account_id: d.account_id.clone(),
+                    hot_balance: d.hot.to_string(),
+                    ledger_balance: d.ledger.to_string(),
+                    drift: d.hot.checked_sub(d.ledger).unwrap_or_default().to_string(),
+                })
+                .collect(),
+        }))
     }
 }

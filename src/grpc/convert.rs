@@ -22,7 +22,8 @@ use crate::{
     service::credit::{Cost, Recorded},
     store::{
         hot::{BalanceView, ExtendOutcome, Extended, ReserveOutcome, Reserved},
-        pg::{AccountRow, GrantRow, TenantRow},
+        pg::{AccountRow, GrantRow, PeriodSpec, TenantRow},
+        policy::{AllowanceRow, ChangeRow},
     },
 };
 
@@ -105,7 +106,7 @@ pub fn grant_id(value: &str) -> Result<Uuid> {
     uuid_field("grant_id", Reason::InvalidGrantId, value)
 }
 
-fn uuid_field(field: &'static str, reason: Reason, value: &str) -> Result<Uuid> {
+pub fn uuid_field(field: &'static str, reason: Reason, value: &str) -> Result<Uuid> {
     if value.is_empty() {
         return Err(Error::invalid(field, reason, "is required"));
     }
@@ -337,7 +338,7 @@ pub fn balance_response(account_id: &str, b: &BalanceView) -> pb::GetBalanceResp
                     .cap
                     .map(|c| c.checked_sub(cap_used).unwrap_or_default().max(Credits::ZERO).to_string())
                     .unwrap_or_default(),
-                period_end: Some(timestamp(l.period_end)),
+                period_end: l.period_end.map(timestamp),
                 suspended: l.suspended,
             }
         })
@@ -353,6 +354,57 @@ pub fn tenant(t: &TenantRow) -> pb::Tenant {
         currency: t.currency.clone(),
         time_zone: t.time_zone.clone(),
         created_at: Some(timestamp(t.created_at)),
+        default_period: Some(period_pb(&t.period)),
+        grant_limits: t.grant_limits.clone().into_iter().collect(),
+    }
+}
+
+/// A request's billing period; `None` when unset. Checked by the caller
+/// against the tenant's time zone.
+pub fn period_spec(field: &'static str, p: Option<pb::BillingPeriod>) -> Result<Option<PeriodSpec>> {
+    let Some(p) = p else { return Ok(None) };
+    let kind = match pb::PeriodKind::try_from(p.kind) {
+        Ok(pb::PeriodKind::Monthly) => "month",
+        Ok(pb::PeriodKind::Yearly) => "year",
+        Ok(pb::PeriodKind::Trial) => "trial",
+        _ => {
+            return Err(Error::invalid(
+                format!("{field}.kind"),
+                Reason::InvalidPeriod,
+                "must be MONTHLY, YEARLY or TRIAL",
+            ));
+        }
+    };
+    let anchor = from_timestamp("anchor", p.anchor)?;
+    let trial_end = from_timestamp("trial_end", p.trial_end)?;
+    if kind == "trial" && (anchor.is_none() || trial_end.is_none()) {
+        return Err(Error::invalid(
+            format!("{field}.trial_end"),
+            Reason::InvalidPeriod,
+            "a trial needs anchor and trial_end",
+        ));
+    }
+    if kind != "trial" && trial_end.is_some() {
+        return Err(Error::invalid(format!("{field}.trial_end"), Reason::InvalidPeriod, "is only for trials"));
+    }
+    Ok(Some(PeriodSpec {
+        kind: kind.to_string(),
+        anchor,
+        time_zone: if p.time_zone.is_empty() { None } else { Some(p.time_zone) },
+        trial_end,
+    }))
+}
+
+pub fn period_pb(p: &PeriodSpec) -> pb::BillingPeriod {
+    pb::BillingPeriod {
+        kind: match p.kind.as_str() {
+            "month" => pb::PeriodKind::Monthly,
+            "year" => pb::PeriodKind::Yearly,
+            _ => pb::PeriodKind::Trial,
+        } as i32,
+        anchor: p.anchor.map(timestamp),
+        time_zone: p.time_zone.clone().unwrap_or_default(),
+        trial_end: p.trial_end.map(timestamp),
     }
 }
 
@@ -386,6 +438,10 @@ pub fn account(a: &AccountRow) -> pb::Account {
         cap: a.cap.map(|c| c.to_string()).unwrap_or_default(),
         suspended: a.suspended,
         created_at: Some(timestamp(a.created_at)),
+        period: a.period.as_ref().map(period_pb),
+        period_start: a.period_start.map(timestamp),
+        period_end: a.period_end.map(timestamp),
+        tier: a.tier.clone(),
     }
 }
 
@@ -407,7 +463,7 @@ pub fn category(value: i32) -> Result<Category> {
     })
 }
 
-fn category_pb(c: Category) -> pb::GrantCategory {
+pub fn category_pb(c: Category) -> pb::GrantCategory {
     match c {
         Category::Plan => pb::GrantCategory::Plan,
         Category::Purchase => pb::GrantCategory::Purchase,
@@ -446,5 +502,47 @@ pub fn grant(g: &GrantRow) -> pb::Grant {
         created_at: Some(timestamp(g.created_at)),
         voided_at: g.voided_at.map(timestamp),
         void_reason: g.void_reason.clone().unwrap_or_default(),
+        reason: g.reason.clone(),
+        actor: g.actor.clone(),
+        allowance_id: g.allowance_id.map(|a| a.to_string()).unwrap_or_default(),
+    }
+}
+
+pub fn allowance(a: &AllowanceRow) -> pb::Allowance {
+    pb::Allowance {
+        allowance_id: a.allowance_id.to_string(),
+        account_id: a.account_id.clone(),
+        amount: a.amount.to_string(),
+        category: Category::parse(&a.category).map(category_pb).unwrap_or(pb::GrantCategory::Unspecified) as i32,
+        priority: a.priority,
+        rollover: match a.rollover.as_str() {
+            "all" => pb::RolloverKind::All,
+            "up_to" => pb::RolloverKind::UpTo,
+            _ => pb::RolloverKind::None,
+        } as i32,
+        rollover_max: a.rollover_max.map(|m| m.to_string()).unwrap_or_default(),
+        description: a.description.clone(),
+        created_at: Some(timestamp(a.created_at)),
+        ended_at: a.ended_at.map(timestamp),
+    }
+}
+
+pub fn change(c: &ChangeRow) -> pb::AccountChange {
+    let requested = &c.requested;
+    pb::AccountChange {
+        change_id: c.change_id.to_string(),
+        account_id: c.account_id.clone(),
+        pool_access: requested.get("pool_access").and_then(|v| v.as_bool()),
+        cap: requested.get("cap").and_then(|v| v.as_str()).map(str::to_string),
+        tier: requested.get("tier").and_then(|v| v.as_str()).map(str::to_string),
+        note: c.note.clone(),
+        status: match c.status.as_str() {
+            "approved" => pb::ChangeStatus::Approved,
+            "denied" => pb::ChangeStatus::Denied,
+            _ => pb::ChangeStatus::Pending,
+        } as i32,
+        requested_at: Some(timestamp(c.requested_at)),
+        decided_at: c.decided_at.map(timestamp),
+        decision_note: c.decision_note.clone(),
     }
 }

@@ -6,7 +6,9 @@
 --   P a:<account>    hash: p parent id ('' for a root), pa pool access '1'/'0',
 --                    cap (micro, absent or '' = none), u usage committed this
 --                    period, uh usage held, b balance, h held from b,
---                    s suspended '1'/'0', pe period end (ms since epoch)
+--                    s suspended '1'/'0', pe period end (ms since epoch, 0 =
+--                    none), ra when a recurring allowance next renews (ms,
+--                    0 = none)
 --   P h:<hold>       hash: the hold (see reserve.lua)
 --   P holds          zset: active hold id -> expiry ms
 --   P committing     zset: hold id -> deadline ms for its PostgreSQL write
@@ -40,14 +42,14 @@ end
 
 local function load_account(prefix, id)
   local key = prefix .. 'a:' .. id
-  local f = redis.call('HMGET', key, 'p', 'pa', 'cap', 'u', 'uh', 'b', 'h', 's', 'pe')
+  local f = redis.call('HMGET', key, 'p', 'pa', 'cap', 'u', 'uh', 'b', 'h', 's', 'pe', 'ra')
   if f[1] == false then return nil end
   local cap = nil
   if f[3] ~= false and f[3] ~= '' then cap = tonumber(f[3]) end
   return {
     id = id, key = key, parent = f[1], pool = (f[2] == '1'), cap = cap,
     u = num(f[4]), uh = num(f[5]), b = num(f[6]), h = num(f[7]),
-    s = (f[8] == '1'), pe = num(f[9]),
+    s = (f[8] == '1'), pe = num(f[9]), ra = num(f[10]),
   }
 end
 
@@ -111,7 +113,15 @@ local function denial(chain, ev, amount)
   if ev.cap_left ~= nil and amount > ev.cap_left then
     return { 'CAP_REACHED', ev.cap_acct.id, ev.cap_acct.pe }
   end
-  if amount > ev.credits then return { 'INSUFFICIENT_CREDITS', chain[ev.k].id, 0 } end
+  if amount > ev.credits then
+    -- When an allowance of the draw chain renews next, if any does.
+    local renews = 0
+    for i = 1, ev.k do
+      local ra = chain[i].ra
+      if ra > 0 and (renews == 0 or ra < renews) then renews = ra end
+    end
+    return { 'INSUFFICIENT_CREDITS', chain[ev.k].id, renews }
+  end
   return nil
 end
 

@@ -4,17 +4,22 @@
 //! rows applied exactly once through markers). If Redis is unreachable the
 //! change is still durable and the ledger job applies it later.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use super::{Engine, payload_hash};
 use crate::{
-    domain::{Credits, grant::Category, money::MAX_BALANCE, period::current_period},
+    domain::{Credits, grant::Category, money::MAX_BALANCE},
     error::{Error, Reason, Result},
+    service::policy::rule_of,
     store::{
         hot::AccountSettings,
-        pg::{AccountRow, AccountUpdate, Forfeit, Forfeited, GrantRow, PendingEntry, TenantRow},
+        pg::{
+            AccountRow, AccountUpdate, Forfeit, Forfeited, GrantCreated, GrantRow, PendingEntry, PeriodSpec, TenantRow,
+        },
     },
 };
 
@@ -24,6 +29,9 @@ pub struct NewTenant {
     pub credit_value: Decimal,
     pub currency: String,
     pub time_zone: String,
+    /// `None`: calendar months in `time_zone`.
+    pub period: Option<PeriodSpec>,
+    pub grant_limits: BTreeMap<String, i32>,
 }
 
 pub struct NewAccount {
@@ -33,6 +41,17 @@ pub struct NewAccount {
     pub display_name: String,
     pub pool_access: bool,
     pub cap: Option<Credits>,
+    /// `None`: the tenant's default period.
+    pub period: Option<PeriodSpec>,
+    pub tier: String,
+}
+
+/// When a new grant expires.
+pub enum GrantExpiry {
+    Never,
+    At(DateTime<Utc>),
+    /// At the end of the account's current billing period.
+    PeriodEnd,
 }
 
 pub struct NewGrant {
@@ -41,8 +60,10 @@ pub struct NewGrant {
     pub category: Category,
     pub priority: Option<i32>,
     pub effective_at: Option<DateTime<Utc>>,
-    pub expires_at: Option<DateTime<Utc>>,
+    pub expiry: GrantExpiry,
     pub description: String,
+    pub reason: String,
+    pub actor: String,
     pub idempotency_key: String,
 }
 
@@ -60,6 +81,9 @@ pub struct AccountPage {
 
 impl Engine {
     pub async fn create_tenant(&self, t: NewTenant) -> Result<TenantRow> {
+        let period =
+            t.period.unwrap_or(PeriodSpec { kind: "month".into(), anchor: None, time_zone: None, trial_end: None });
+        rule_of(&period, &t.time_zone).map_err(|e| Error::invalid("default_period", Reason::InvalidPeriod, e))?;
         let wanted = TenantRow {
             tenant_id: t.tenant_id,
             display_name: t.display_name,
@@ -67,6 +91,8 @@ impl Engine {
             currency: t.currency,
             time_zone: t.time_zone,
             created_at: Utc::now(),
+            period,
+            grant_limits: t.grant_limits,
         };
         // The hot state of a new tenant is empty: mark it loaded before the
         // tenant becomes visible, so no replica ever sees it unloaded. An
@@ -80,7 +106,9 @@ impl Engine {
         let same = stored.display_name == wanted.display_name
             && stored.credit_value == wanted.credit_value
             && stored.currency == wanted.currency
-            && stored.time_zone == wanted.time_zone;
+            && stored.time_zone == wanted.time_zone
+            && stored.period == wanted.period
+            && stored.grant_limits == wanted.grant_limits;
         if !created && !same {
             return Err(Error::AlreadyExists(
                 Reason::TenantExists,
@@ -103,6 +131,11 @@ impl Engine {
 
     pub async fn create_account(&self, tenant: &str, a: NewAccount, max_depth: u32) -> Result<AccountRow> {
         self.require_tenant(tenant).await?;
+        let tenant_row = self.get_tenant(tenant).await?;
+        let spec = a.period.clone().unwrap_or_else(|| tenant_row.period.clone());
+        let rule =
+            rule_of(&spec, &tenant_row.time_zone).map_err(|e| Error::invalid("period", Reason::InvalidPeriod, e))?;
+        let period = self.current_period_of(&rule);
         if let Some(parent) = &a.parent_id {
             let parent_row = self.pg.account(tenant, parent).await?.ok_or_else(|| parent_missing(parent))?;
             if parent_row.depth as u32 >= max_depth {
@@ -123,6 +156,10 @@ impl Engine {
             suspended: false,
             depth: 0,
             created_at: Utc::now(),
+            period: a.period,
+            tier: a.tier,
+            period_start: Some(period.start),
+            period_end: period.end,
         };
         let (stored, created) = self
             .pg
@@ -133,7 +170,9 @@ impl Engine {
             && stored.kind == wanted.kind
             && stored.display_name == wanted.display_name
             && stored.pool_access == wanted.pool_access
-            && stored.cap == wanted.cap;
+            && stored.cap == wanted.cap
+            && stored.period == wanted.period
+            && stored.tier == wanted.tier;
         if !created && !same {
             return Err(Error::AlreadyExists(
                 Reason::AccountExists,
@@ -184,8 +223,14 @@ impl Engine {
             g.category.as_str(),
             &priority.to_string(),
             &g.effective_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
-            &g.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            &match g.expiry {
+                GrantExpiry::Never => String::new(),
+                GrantExpiry::At(t) => t.to_rfc3339(),
+                GrantExpiry::PeriodEnd => "period-end".into(),
+            },
             &g.description,
+            &g.reason,
+            &g.actor,
         ]);
         // A replay is answered before any check that time may have changed.
         if let Some(existing) = self.pg.grant_by_key(tenant, &g.idempotency_key).await? {
@@ -194,13 +239,22 @@ impl Engine {
             }
             return Ok(existing);
         }
-        self.pg.account(tenant, &g.account_id).await?.ok_or_else(|| account_missing(&g.account_id))?;
-        let effective_at = g.effective_at.unwrap_or_else(Utc::now);
-        if let Some(expires_at) = g.expires_at
+        let account = self.pg.account(tenant, &g.account_id).await?.ok_or_else(|| account_missing(&g.account_id))?;
+        let now = self.clock.now();
+        let effective_at = g.effective_at.unwrap_or(now);
+        let expires_at = match g.expiry {
+            GrantExpiry::Never => None,
+            GrantExpiry::At(t) => Some(t),
+            GrantExpiry::PeriodEnd => Some(account.period_end.ok_or_else(|| {
+                Error::invalid("expire_at_period_end", Reason::InvalidArgument, "the account's period never ends")
+            })?),
+        };
+        if let Some(expires_at) = expires_at
             && expires_at <= effective_at
         {
             return Err(Error::invalid("expires_at", Reason::InvalidArgument, "must be after effective_at"));
         }
+        let limit = self.get_tenant(tenant).await?.grant_limits.get(g.category.as_str()).copied();
         let balance = self.pg.ledger_balance(tenant, &g.account_id).await?;
         if balance.checked_add(g.amount).is_none_or(|b| b > MAX_BALANCE) {
             return Err(Error::invalid(
@@ -216,8 +270,11 @@ impl Engine {
             category: g.category,
             priority,
             effective_at,
-            expires_at: g.expires_at,
+            expires_at,
             description: g.description,
+            reason: g.reason,
+            actor: g.actor,
+            allowance_id: None,
             payload_hash: hash.clone(),
             credited_at: None,
             voided_at: None,
@@ -229,7 +286,21 @@ impl Engine {
             forfeited: Credits::ZERO,
             remaining: Credits::ZERO,
         };
-        let (stored, pending, created) = self.pg.create_grant(tenant, &wanted, &g.idempotency_key).await?;
+        let (stored, pending, created) =
+            match self.pg.create_grant(tenant, &wanted, &g.idempotency_key, now, limit).await? {
+                GrantCreated::Stored { grant, pending, created } => (*grant, pending, created),
+                GrantCreated::LimitReached => {
+                    return Err(Error::FailedPrecondition(
+                        Reason::GrantLimitReached,
+                        format!(
+                            "account {} already has the most {} grants the tenant allows ({})",
+                            wanted.account_id,
+                            wanted.category.as_str(),
+                            limit.unwrap_or_default()
+                        ),
+                    ));
+                }
+            };
         if !created && stored.payload_hash != hash {
             return Err(crate::store::hot::HotError::KeyReused.into());
         }
@@ -295,20 +366,22 @@ impl Engine {
         }
     }
 
-    async fn put_hot_account(&self, tenant: &str, row: &AccountRow) -> Result<()> {
-        let settings = hot_settings(row, Utc::now());
+    pub(crate) async fn put_hot_account(&self, tenant: &str, row: &AccountRow) -> Result<()> {
+        let has_allowance = self.pg.has_live_allowance(tenant, &row.account_id).await?;
+        let settings = hot_settings(row, has_allowance);
         self.hot.put_account(tenant, &row.account_id, &settings).await.map_err(|e| self.hot_error(e))
     }
 }
 
-/// The Redis settings of an account as of `now`.
-pub fn hot_settings(row: &AccountRow, now: DateTime<Utc>) -> AccountSettings {
+/// The Redis settings of an account.
+pub fn hot_settings(row: &AccountRow, has_allowance: bool) -> AccountSettings {
     AccountSettings {
         parent_id: row.parent_id.clone(),
         pool_access: row.pool_access,
         cap: row.cap,
         suspended: row.suspended,
-        period_end: current_period(now).1,
+        period_end: row.period_end,
+        renews_at: if has_allowance { row.period_end } else { None },
     }
 }
 

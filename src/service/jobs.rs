@@ -12,15 +12,13 @@
 //! - health: watches Redis and PostgreSQL, rebuilds a tenant's hot state
 //!   when Redis lost it, and reports SERVING only when all is loaded.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
-use chrono::Utc;
 use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
 use uuid::Uuid;
 
 use super::{Engine, admin::hot_settings};
 use crate::{
-    domain::{Credits, period::current_period},
     error::Result,
     store::{
         hot::AccountCounters,
@@ -152,10 +150,12 @@ impl Engine {
     }
 
     async fn ledger_work(&self) -> Result<()> {
-        for entry in self.pg.activate_due_grants(500).await? {
+        let now = self.clock.now();
+        self.period_pass().await?;
+        for entry in self.pg.activate_due_grants(now, 500).await? {
             self.apply_entry(&entry).await;
         }
-        for (tenant, grant_id) in self.pg.expired_grants(500).await? {
+        for (tenant, grant_id) in self.pg.expired_grants(now, 500).await? {
             if let Forfeited::Done(grant, Some(entry)) = self.pg.forfeit(&tenant, grant_id, Forfeit::Expiry).await? {
                 tracing::info!(tenant = %tenant, grant = %grant.grant_id, forfeited = %grant.forfeited, "grant expired");
                 self.apply_entry(&entry).await;
@@ -227,30 +227,17 @@ impl Engine {
             tracing::info!(tenant, settle = ?settle, "hot state lost: waiting for in-flight commits before rebuilding");
             tokio::time::sleep(settle).await;
         }
-        let now = Utc::now();
-        let (period_start, _) = current_period(now);
-        let snapshot = self.pg.snapshot(tenant, period_start).await?;
-        let parents: HashMap<&str, Option<&str>> =
-            snapshot.accounts.iter().map(|a| (a.account_id.as_str(), a.parent_id.as_deref())).collect();
-        // Usage counts against the subject and every ancestor.
-        let mut used: HashMap<&str, Credits> = HashMap::new();
-        for (subject, amount) in &snapshot.usage {
-            let mut cursor = Some(subject.as_str());
-            while let Some(account) = cursor {
-                let total = used.entry(account).or_default();
-                *total = total.checked_add(*amount).unwrap_or(*total);
-                cursor = parents.get(account).copied().flatten();
-            }
-        }
+        let snapshot = self.pg.snapshot(tenant).await?;
         let accounts: Vec<_> = snapshot
             .accounts
             .iter()
             .map(|a| {
                 let counters = AccountCounters {
                     balance: snapshot.balances.get(&a.account_id).copied().unwrap_or_default(),
-                    used: used.get(a.account_id.as_str()).copied().unwrap_or_default(),
+                    used: snapshot.usage.get(&a.account_id).copied().unwrap_or_default(),
                 };
-                (a.account_id.clone(), hot_settings(a, now), counters)
+                let has_allowance = snapshot.with_allowance.contains(&a.account_id);
+                (a.account_id.clone(), hot_settings(a, has_allowance), counters)
             })
             .collect();
         let epoch = self.hot.load_tenant(tenant, &accounts, &snapshot.unapplied).await?;

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod committer;
 pub mod credit;
 pub mod jobs;
+pub mod policy;
 pub mod pricing;
 
 use std::{
@@ -42,6 +43,7 @@ pub struct Engine {
     pub committer: Committer,
     pub keys: KeyStore,
     pub pricing: pricing::Pricing,
+    pub clock: policy::Clock,
     pub limits: Limits,
     pub tenants: Tenants,
     /// Wakes the health job at once when a call finds a tenant unloaded.

@@ -28,6 +28,7 @@ struct Scripts {
     balance: Script,
     apply: Script,
     account: Script,
+    period: Script,
 }
 
 impl Scripts {
@@ -43,6 +44,7 @@ impl Scripts {
             balance: with_prelude(include_str!("../lua/balance.lua")),
             apply: with_prelude(include_str!("../lua/apply.lua")),
             account: with_prelude(include_str!("../lua/account.lua")),
+            period: with_prelude(include_str!("../lua/period.lua")),
         }
     }
 }
@@ -157,7 +159,8 @@ pub struct LevelView {
     pub used: Credits,
     pub used_held: Credits,
     pub suspended: bool,
-    pub period_end: DateTime<Utc>,
+    /// `None`: the period never ends.
+    pub period_end: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug)]
@@ -174,7 +177,10 @@ pub struct AccountSettings {
     pub pool_access: bool,
     pub cap: Option<Credits>,
     pub suspended: bool,
-    pub period_end: DateTime<Utc>,
+    /// `None`: the period never ends (a finished trial).
+    pub period_end: Option<DateTime<Utc>>,
+    /// When a recurring allowance of the account next renews.
+    pub renews_at: Option<DateTime<Utc>>,
 }
 
 /// Counters of one account, written only by a rebuild.
@@ -491,7 +497,7 @@ impl HotStore {
                         used: r.credits(i + 5)?,
                         used_held: r.credits(i + 6)?,
                         suspended: r.text(i + 7)? == "1",
-                        period_end: r.time(i + 8)?,
+                        period_end: Some(r.time(i + 8)?).filter(|t| t.timestamp_millis() > 0),
                     });
                     i += 9;
                 }
@@ -535,12 +541,42 @@ impl HotStore {
             .arg(if settings.pool_access { "1" } else { "0" })
             .arg(settings.cap.map(|c| c.micros().to_string()).unwrap_or_default())
             .arg(if settings.suspended { "1" } else { "0" })
-            .arg(settings.period_end.timestamp_millis())
+            .arg(ms_or_zero(settings.period_end))
+            .arg(ms_or_zero(settings.renews_at))
             .invoke_async(&mut self.conn.clone())
             .await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "ok" => Ok(()),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    /// A period boundary: cap usage restarts at `used`, the period end and
+    /// allowance renewal move on. Returns false when Redis already had it.
+    pub async fn new_period(
+        &self,
+        tenant: &str,
+        account: &str,
+        used: Credits,
+        period_end: Option<DateTime<Utc>>,
+        renews_at: Option<DateTime<Utc>>,
+    ) -> HotResult<bool> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .period
+            .key(keys.epoch())
+            .key(keys.account(account))
+            .arg(used.micros())
+            .arg(ms_or_zero(period_end))
+            .arg(ms_or_zero(renews_at))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => Ok(true),
+            "stale" => Ok(false),
             other => Err(r.failure(other)),
         }
     }
@@ -629,7 +665,8 @@ impl HotStore {
                         ("pa", if settings.pool_access { "1" } else { "0" }.to_string()),
                         ("cap", settings.cap.map(|c| c.micros().to_string()).unwrap_or_default()),
                         ("s", if settings.suspended { "1" } else { "0" }.to_string()),
-                        ("pe", settings.period_end.timestamp_millis().to_string()),
+                        ("pe", ms_or_zero(settings.period_end).to_string()),
+                        ("ra", ms_or_zero(settings.renews_at).to_string()),
                         ("b", counters.balance.micros().to_string()),
                         ("h", "0".to_string()),
                         ("u", counters.used.micros().to_string()),
@@ -673,6 +710,10 @@ pub struct ExtendCall<'a> {
     pub ttl: Duration,
     pub idempotency_key: &'a str,
     pub payload_hash: &'a str,
+}
+
+fn ms_or_zero(t: Option<DateTime<Utc>>) -> i64 {
+    t.map_or(0, |t| t.timestamp_millis())
 }
 
 fn millis(d: Duration) -> u64 {

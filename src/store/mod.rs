@@ -1,6 +1,8 @@
 //! Storage: `hot` (Redis, the hot balances and holds) and `pg` (PostgreSQL,
-//! the source of truth). `keys` names every Redis key.
+//! the source of truth; `policy` holds its credit-policy queries). `keys`
+//! names every Redis key.
 
 pub mod hot;
 pub mod keys;
 pub mod pg;
+pub mod policy;

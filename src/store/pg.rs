@@ -4,7 +4,11 @@
 //! Queries are checked at run time (no database at build time). Money
 //! crosses this boundary as `NUMERIC` <-> [`Credits`], never as a float.
 
-use std::{collections::HashMap, str::FromStr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    str::FromStr,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -67,7 +71,7 @@ impl PgError {
 
 pub type PgResult<T> = Result<T, PgError>;
 
-fn credits(value: Decimal) -> PgResult<Credits> {
+pub(crate) fn credits(value: Decimal) -> PgResult<Credits> {
     Credits::try_from_decimal(value).map_err(|e| PgError::Amount(format!("{value}: {e}")))
 }
 
@@ -79,6 +83,9 @@ pub struct TenantRow {
     pub currency: String,
     pub time_zone: String,
     pub created_at: DateTime<Utc>,
+    pub period: PeriodSpec,
+    /// category name → most grants of it per account.
+    pub grant_limits: BTreeMap<String, i32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -92,6 +99,21 @@ pub struct AccountRow {
     pub suspended: bool,
     pub depth: i32,
     pub created_at: DateTime<Utc>,
+    /// The account's own period; `None`: the tenant's.
+    pub period: Option<PeriodSpec>,
+    pub tier: String,
+    pub period_start: Option<DateTime<Utc>>,
+    pub period_end: Option<DateTime<Utc>>,
+}
+
+/// A billing period as stored: kind 'month' | 'year' | 'trial', anchor
+/// (NULL: calendar periods), time zone (NULL: the tenant's), trial end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeriodSpec {
+    pub kind: String,
+    pub anchor: Option<DateTime<Utc>>,
+    pub time_zone: Option<String>,
+    pub trial_end: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug)]
@@ -111,6 +133,9 @@ pub struct GrantRow {
     pub void_hash: Option<String>,
     pub expired_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    pub reason: String,
+    pub actor: String,
+    pub allowance_id: Option<Uuid>,
     pub used: Credits,
     pub forfeited: Credits,
     pub remaining: Credits,
@@ -194,8 +219,10 @@ pub struct TenantSnapshot {
     pub accounts: Vec<AccountRow>,
     /// Σ ledger − unallocated draws, per account.
     pub balances: HashMap<String, Credits>,
-    /// Usage recorded since `period_start`, per subject account.
+    /// Cap usage per account: its subtree's usage in its current period.
     pub usage: HashMap<String, Credits>,
+    /// Accounts with a live recurring allowance.
+    pub with_allowance: Vec<String>,
     /// Ledger rows not yet marked applied (they are part of the balances).
     pub unapplied: Vec<i64>,
 }
@@ -207,9 +234,9 @@ pub struct PgStore {
 
 const EVENT_COLUMNS: &str = "event_id, account_id, reservation_id, payload_hash, amount, held, overdraft, recorded_at, price_version, line_items";
 
-const GRANT_SELECT: &str = "SELECT g.grant_id, g.account_id, g.amount, g.category, g.priority, g.effective_at, \
+pub(crate) const GRANT_SELECT: &str = "SELECT g.grant_id, g.account_id, g.amount, g.category, g.priority, g.effective_at, \
      g.expires_at, g.description, g.payload_hash, g.credited_at, g.voided_at, g.void_reason, g.void_hash, \
-     g.expired_at, g.created_at, \
+     g.expired_at, g.created_at, g.reason, g.actor, g.allowance_id, \
      COALESCE((SELECT -SUM(l.amount) FROM ledger l WHERE l.grant_id = g.grant_id AND l.kind IN ('usage', 'cover')), 0) AS used, \
      COALESCE((SELECT -SUM(l.amount) FROM ledger l WHERE l.grant_id = g.grant_id AND l.kind IN ('void', 'expiry')), 0) AS forfeited, \
      COALESCE((SELECT SUM(l.amount) FROM ledger l WHERE l.grant_id = g.grant_id), 0) AS remaining \
@@ -249,14 +276,20 @@ impl PgStore {
     /// whether it was created now.
     pub async fn create_tenant(&self, t: &TenantRow) -> PgResult<(TenantRow, bool)> {
         let created = sqlx::query(
-            "INSERT INTO tenants (tenant_id, display_name, credit_value, currency, time_zone) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id) DO NOTHING",
+            "INSERT INTO tenants (tenant_id, display_name, credit_value, currency, time_zone, \
+               period_kind, period_anchor, period_time_zone, trial_end, grant_limits) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (tenant_id) DO NOTHING",
         )
         .bind(&t.tenant_id)
         .bind(&t.display_name)
         .bind(t.credit_value)
         .bind(&t.currency)
         .bind(&t.time_zone)
+        .bind(&t.period.kind)
+        .bind(t.period.anchor)
+        .bind(&t.period.time_zone)
+        .bind(t.period.trial_end)
+        .bind(serde_json::to_value(&t.grant_limits).unwrap_or_default())
         .execute(&self.pool)
         .await?
         .rows_affected()
@@ -267,7 +300,8 @@ impl PgStore {
 
     pub async fn tenant(&self, tenant_id: &str) -> PgResult<Option<TenantRow>> {
         let row = sqlx::query(
-            "SELECT tenant_id, display_name, credit_value, currency, time_zone, created_at FROM tenants WHERE tenant_id = $1",
+            "SELECT tenant_id, display_name, credit_value, currency, time_zone, created_at, \
+               period_kind, period_anchor, period_time_zone, trial_end, grant_limits FROM tenants WHERE tenant_id = $1",
         )
         .bind(tenant_id)
         .fetch_optional(&self.pool)
@@ -279,6 +313,8 @@ impl PgStore {
             currency: r.get(3),
             time_zone: r.get(4),
             created_at: r.get(5),
+            period: PeriodSpec { kind: r.get(6), anchor: r.get(7), time_zone: r.get(8), trial_end: r.get(9) },
+            grant_limits: serde_json::from_value(r.get(10)).unwrap_or_default(),
         }))
     }
 
@@ -299,8 +335,10 @@ impl PgStore {
             },
         };
         let created = sqlx::query(
-            "INSERT INTO accounts (tenant_id, account_id, parent_id, kind, display_name, pool_access, cap, depth) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id, account_id) DO NOTHING",
+            "INSERT INTO accounts (tenant_id, account_id, parent_id, kind, display_name, pool_access, cap, depth, \
+               period_kind, period_anchor, period_time_zone, trial_end, tier, period_start, period_end) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ON CONFLICT (tenant_id, account_id) DO NOTHING",
         )
         .bind(tenant)
         .bind(&a.account_id)
@@ -310,6 +348,13 @@ impl PgStore {
         .bind(a.pool_access)
         .bind(a.cap.map(Credits::to_decimal))
         .bind(depth)
+        .bind(a.period.as_ref().map(|p| p.kind.clone()))
+        .bind(a.period.as_ref().and_then(|p| p.anchor))
+        .bind(a.period.as_ref().and_then(|p| p.time_zone.clone()))
+        .bind(a.period.as_ref().and_then(|p| p.trial_end))
+        .bind(&a.tier)
+        .bind(a.period_start)
+        .bind(a.period_end)
         .execute(&self.pool)
         .await?
         .rows_affected()
@@ -324,7 +369,8 @@ impl PgStore {
                pool_access = COALESCE($3, pool_access), \
                cap = CASE WHEN $4 THEN $5 ELSE cap END, \
                suspended = COALESCE($6, suspended), \
-               display_name = COALESCE($7, display_name) \
+               display_name = COALESCE($7, display_name), \
+               tier = COALESCE($8, tier) \
              WHERE tenant_id = $1 AND account_id = $2",
         )
         .bind(tenant)
@@ -334,6 +380,7 @@ impl PgStore {
         .bind(update.cap.flatten().map(Credits::to_decimal))
         .bind(update.suspended)
         .bind(&update.display_name)
+        .bind(&update.tier)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
@@ -344,7 +391,8 @@ impl PgStore {
 
     pub async fn account(&self, tenant: &str, account_id: &str) -> PgResult<Option<AccountRow>> {
         let row = sqlx::query(
-            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at \
+            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at, \
+               period_kind, period_anchor, period_time_zone, trial_end, tier, period_start, period_end \
              FROM accounts WHERE tenant_id = $1 AND account_id = $2",
         )
         .bind(tenant)
@@ -363,7 +411,8 @@ impl PgStore {
         limit: i64,
     ) -> PgResult<Vec<AccountRow>> {
         let rows = sqlx::query(
-            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at \
+            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at, \
+               period_kind, period_anchor, period_time_zone, trial_end, tier, period_start, period_end \
              FROM accounts WHERE tenant_id = $1 AND ($2::text IS NULL OR parent_id = $2) AND account_id > $3 \
              ORDER BY account_id LIMIT $4",
         )
@@ -379,21 +428,49 @@ impl PgStore {
     // ---- grants ----------------------------------------------------------
 
     /// Inserts a grant (and, if effective now, its ledger row) unless one
-    /// with the same idempotency key exists. Returns the stored grant, the
-    /// ledger row to apply to Redis if one was written, and whether the
-    /// grant is new.
+    /// with the same idempotency key exists; refuses it when `limit` grants
+    /// of its category already exist for the account.
     pub async fn create_grant(
         &self,
         tenant: &str,
         g: &GrantRow,
         idem_key: &str,
-    ) -> PgResult<(GrantRow, Option<PendingEntry>, bool)> {
+        now: DateTime<Utc>,
+        limit: Option<i32>,
+    ) -> PgResult<GrantCreated> {
         let mut tx = self.pool.begin().await?;
-        let credit_now = g.effective_at <= Utc::now();
+        if let Some(limit) = limit {
+            // Serialize grants of one account so the count is exact.
+            sqlx::query("SELECT 1 FROM accounts WHERE tenant_id = $1 AND account_id = $2 FOR UPDATE")
+                .bind(tenant)
+                .bind(&g.account_id)
+                .execute(&mut *tx)
+                .await?;
+            let count: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM grants WHERE tenant_id = $1 AND account_id = $2 AND category = $3",
+            )
+            .bind(tenant)
+            .bind(&g.account_id)
+            .bind(g.category.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            let replay: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM grants WHERE tenant_id = $1 AND idempotency_key = $2)",
+            )
+            .bind(tenant)
+            .bind(idem_key)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !replay && count >= i64::from(limit) {
+                return Ok(GrantCreated::LimitReached);
+            }
+        }
+        let credit_now = g.effective_at <= now;
         let inserted = sqlx::query(
             "INSERT INTO grants (grant_id, tenant_id, account_id, amount, category, priority, effective_at, expires_at, \
-               description, idempotency_key, payload_hash, credited_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $12 THEN now() END) \
+               description, idempotency_key, payload_hash, credited_at, reason, actor, allowance_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $12 THEN $16::timestamptz END, \
+               $13, $14, $15) \
              ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
         )
         .bind(g.grant_id)
@@ -408,6 +485,10 @@ impl PgStore {
         .bind(idem_key)
         .bind(&g.payload_hash)
         .bind(credit_now)
+        .bind(&g.reason)
+        .bind(&g.actor)
+        .bind(g.allowance_id)
+        .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -427,7 +508,7 @@ impl PgStore {
                 .await?
         };
         let row = self.grant(tenant, grant_id).await?.ok_or(PgError::Db(sqlx::Error::RowNotFound))?;
-        Ok((row, pending, inserted))
+        Ok(GrantCreated::Stored { grant: Box::new(row), pending, created: inserted })
     }
 
     pub async fn grant(&self, tenant: &str, grant_id: Uuid) -> PgResult<Option<GrantRow>> {
@@ -504,7 +585,7 @@ impl PgStore {
                 "void"
             }
             Forfeit::Expiry => {
-                sqlx::query("UPDATE grants SET expired_at = now() WHERE grant_id = $1")
+                sqlx::query("UPDATE grants SET expired_at = COALESCE(expires_at, now()) WHERE grant_id = $1")
                     .bind(grant_id)
                     .execute(&mut *tx)
                     .await?;
@@ -545,20 +626,22 @@ impl PgStore {
     /// Credits pending grants whose effective_at has come (any replica may
     /// run this; rows are claimed with SKIP LOCKED). Returns the ledger rows
     /// to apply.
-    pub async fn activate_due_grants(&self, limit: i64) -> PgResult<Vec<PendingEntry>> {
+    pub async fn activate_due_grants(&self, now: DateTime<Utc>, limit: i64) -> PgResult<Vec<PendingEntry>> {
         let mut tx = self.pool.begin().await?;
         let due: Vec<(Uuid, String, String, Decimal)> = sqlx::query_as(
             "SELECT grant_id, tenant_id, account_id, amount FROM grants \
-             WHERE credited_at IS NULL AND voided_at IS NULL AND effective_at <= now() \
+             WHERE credited_at IS NULL AND voided_at IS NULL AND effective_at <= $2 \
              ORDER BY effective_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(limit)
+        .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         let mut entries = Vec::with_capacity(due.len());
         for (grant_id, tenant, account, amount) in due {
-            sqlx::query("UPDATE grants SET credited_at = now() WHERE grant_id = $1")
+            sqlx::query("UPDATE grants SET credited_at = $2 WHERE grant_id = $1")
                 .bind(grant_id)
+                .bind(now)
                 .execute(&mut *tx)
                 .await?;
             entries.push(insert_entry(&mut tx, &tenant, &account, grant_id, "grant", credits(amount)?).await?);
@@ -568,12 +651,13 @@ impl PgStore {
     }
 
     /// Grants whose expires_at has passed and that are still live.
-    pub async fn expired_grants(&self, limit: i64) -> PgResult<Vec<(String, Uuid)>> {
+    pub async fn expired_grants(&self, now: DateTime<Utc>, limit: i64) -> PgResult<Vec<(String, Uuid)>> {
         Ok(sqlx::query_as(
             "SELECT tenant_id, grant_id FROM grants \
-             WHERE expires_at <= now() AND expired_at IS NULL AND voided_at IS NULL ORDER BY expires_at LIMIT $1",
+             WHERE expires_at <= $2 AND expired_at IS NULL AND voided_at IS NULL ORDER BY expires_at LIMIT $1",
         )
         .bind(limit)
+        .bind(now)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -620,12 +704,13 @@ impl PgStore {
 
     /// The state a rebuild of the tenant's hot balances starts from. Runs
     /// under the tenant's ledger lock, in one snapshot.
-    pub async fn snapshot(&self, tenant: &str, period_start: DateTime<Utc>) -> PgResult<TenantSnapshot> {
+    pub async fn snapshot(&self, tenant: &str) -> PgResult<TenantSnapshot> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
         lock_tenant_ledger(&mut tx, tenant).await?;
         let accounts = sqlx::query(
-            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at \
+            "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at, \
+               period_kind, period_anchor, period_time_zone, trial_end, tier, period_start, period_end \
              FROM accounts WHERE tenant_id = $1 ORDER BY depth, account_id",
         )
         .bind(tenant)
@@ -655,11 +740,21 @@ impl PgStore {
             let entry = balances.entry(account).or_default();
             *entry = entry.checked_sub(credits(sum)?).ok_or_else(|| PgError::Amount("balance overflow".into()))?;
         }
+        // Cap usage: per account, the usage of its subtree since its own
+        // current period start.
         let usage: Vec<(String, Decimal)> = sqlx::query_as(
-            "SELECT account_id, SUM(amount) FROM usage_events WHERE tenant_id = $1 AND recorded_at >= $2 GROUP BY account_id",
+            "WITH RECURSIVE tree(ancestor, descendant) AS ( \
+               SELECT account_id, account_id FROM accounts WHERE tenant_id = $1 \
+               UNION ALL \
+               SELECT t.ancestor, a.account_id FROM tree t \
+               JOIN accounts a ON a.tenant_id = $1 AND a.parent_id = t.descendant) \
+             SELECT t.ancestor, SUM(e.amount) FROM tree t \
+             JOIN accounts anc ON anc.tenant_id = $1 AND anc.account_id = t.ancestor \
+             JOIN usage_events e ON e.tenant_id = $1 AND e.account_id = t.descendant \
+               AND e.recorded_at >= COALESCE(anc.period_start, '-infinity'::timestamptz) \
+             GROUP BY t.ancestor",
         )
         .bind(tenant)
-        .bind(period_start)
         .fetch_all(&mut *tx)
         .await?;
         let usage = usage.into_iter().map(|(a, s)| Ok((a, credits(s)?))).collect::<PgResult<HashMap<_, _>>>()?;
@@ -668,8 +763,13 @@ impl PgStore {
                 .bind(tenant)
                 .fetch_all(&mut *tx)
                 .await?;
+        let with_allowance: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT account_id FROM allowances WHERE tenant_id = $1 AND ended_at IS NULL")
+                .bind(tenant)
+                .fetch_all(&mut *tx)
+                .await?;
         tx.commit().await?;
-        Ok(TenantSnapshot { accounts, balances, usage, unapplied })
+        Ok(TenantSnapshot { accounts, balances, usage, with_allowance, unapplied })
     }
 
     // ---- usage events ----------------------------------------------------
@@ -886,6 +986,15 @@ impl PgStore {
     }
 }
 
+/// The outcome of [`PgStore::create_grant`].
+pub enum GrantCreated {
+    /// The stored grant, the ledger row to apply to Redis if one was
+    /// written, and whether the grant is new.
+    Stored { grant: Box<GrantRow>, pending: Option<PendingEntry>, created: bool },
+    /// The tenant's limit of grants of this category per account is reached.
+    LimitReached,
+}
+
 /// A stored price book.
 #[derive(Clone, Debug)]
 pub struct BookRow {
@@ -1035,9 +1144,10 @@ pub struct AccountUpdate {
     pub cap: Option<Option<Credits>>,
     pub suspended: Option<bool>,
     pub display_name: Option<String>,
+    pub tier: Option<String>,
 }
 
-async fn lock_tenant_ledger(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<()> {
+pub(crate) async fn lock_tenant_ledger(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('creditd.ledger.' || $1, 0))")
         .bind(tenant)
         .execute(&mut **tx)
@@ -1045,7 +1155,7 @@ async fn lock_tenant_ledger(tx: &mut Transaction<'_, Postgres>, tenant: &str) ->
     Ok(())
 }
 
-async fn insert_entry(
+pub(crate) async fn insert_entry(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &str,
     account: &str,
@@ -1070,7 +1180,7 @@ async fn insert_entry(
 /// Allocates every unallocated event of the tenant (caller holds the
 /// tenant's ledger lock), then lets grants with credits left pay the
 /// overdrafts of their accounts. Returns how many events were allocated.
-async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<u64> {
+pub(crate) async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<u64> {
     let events: Vec<(Uuid, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
         "SELECT event_id, draws, recorded_at FROM usage_events WHERE tenant_id = $1 AND NOT allocated \
          ORDER BY recorded_at, event_id LIMIT 10000",
@@ -1223,7 +1333,7 @@ async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> P
     Ok(ids.len() as u64)
 }
 
-fn account_row(r: sqlx::postgres::PgRow) -> PgResult<AccountRow> {
+pub(crate) fn account_row(r: sqlx::postgres::PgRow) -> PgResult<AccountRow> {
     let cap: Option<Decimal> = r.get(5);
     Ok(AccountRow {
         account_id: r.get(0),
@@ -1235,10 +1345,19 @@ fn account_row(r: sqlx::postgres::PgRow) -> PgResult<AccountRow> {
         suspended: r.get(6),
         depth: r.get(7),
         created_at: r.get(8),
+        period: r.get::<Option<String>, _>(9).map(|kind| PeriodSpec {
+            kind,
+            anchor: r.get(10),
+            time_zone: r.get(11),
+            trial_end: r.get(12),
+        }),
+        tier: r.get(13),
+        period_start: r.get(14),
+        period_end: r.get(15),
     })
 }
 
-fn grant_row(r: sqlx::postgres::PgRow) -> PgResult<GrantRow> {
+pub(crate) fn grant_row(r: sqlx::postgres::PgRow) -> PgResult<GrantRow> {
     let category: String = r.get(3);
     Ok(GrantRow {
         grant_id: r.get(0),
@@ -1256,9 +1375,12 @@ fn grant_row(r: sqlx::postgres::PgRow) -> PgResult<GrantRow> {
         void_hash: r.get(12),
         expired_at: r.get(13),
         created_at: r.get(14),
-        used: credits(r.get(15))?,
-        forfeited: credits(r.get(16))?,
-        remaining: credits(r.get(17))?,
+        reason: r.get(15),
+        actor: r.get(16),
+        allowance_id: r.get(17),
+        used: credits(r.get(18))?,
+        forfeited: credits(r.get(19))?,
+        remaining: credits(r.get(20))?,
     })
 }
 

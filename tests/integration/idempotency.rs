@@ -540,6 +540,7 @@ async fn create_tenant_and_account_are_idempotent_on_their_name() {
         credit_value: "0.01".into(),
         currency: "EUR".into(),
         time_zone: "Europe/Paris".into(),
+        ..Default::default()
     };
     let first = admin.create_tenant(req_operator(tenant.clone())).await.unwrap().into_inner();
     let again = admin.create_tenant(req_operator(tenant.clone())).await.unwrap().into_inner();
@@ -565,6 +566,7 @@ async fn create_tenant_and_account_are_idempotent_on_their_name() {
         display_name: "Team A".into(),
         pool_access: true,
         cap: "500".into(),
+        ..Default::default()
     };
     let first = admin.create_account(req(TENANT, account.clone())).await.unwrap().into_inner();
     app.grant("team", "25", GrantCategory::Plan).await;

@@ -1,0 +1,17 @@
+-- A period boundary reaches Redis: cap usage restarts (at the usage already
+-- recorded in the new period) and the period end moves on. Idempotent and
+-- monotonic: applied only when the new period ends later than the stored
+-- one (0 = a period that never ends, latest of all).
+--
+-- KEYS[1] P epoch   KEYS[2] P a:<account>
+-- ARGV[1] usage in the new period (micro)   ARGV[2] new period end ms (0 = none)
+-- ARGV[3] allowance renewal ms (0 = none)
+-- Replies: {'ok'} | {'stale'} | {'not_loaded'} | {'not_found'}
+if not redis.call('GET', KEYS[1]) then return { 'not_loaded' } end
+local pe = redis.call('HGET', KEYS[2], 'pe')
+if not pe then return { 'not_found' } end
+local current, new = tonumber(pe), tonumber(ARGV[2])
+local later = (new == 0 and current ~= 0) or (new ~= 0 and current ~= 0 and new > current)
+if not later then return { 'stale' } end
+redis.call('HSET', KEYS[2], 'u', ARGV[1], 'pe', ARGV[2], 'ra', ARGV[3])
+return { 'ok' }
