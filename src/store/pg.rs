@@ -650,11 +650,13 @@ impl PgStore {
         Ok(entries)
     }
 
-    /// Grants whose expires_at has passed and that are still live.
+    /// Grants whose expires_at has passed and that are still live (but for
+    /// allowance grants: their period boundary expires them, to roll over).
     pub async fn expired_grants(&self, now: DateTime<Utc>, limit: i64) -> PgResult<Vec<(String, Uuid)>> {
         Ok(sqlx::query_as(
             "SELECT tenant_id, grant_id FROM grants \
-             WHERE expires_at <= $2 AND expired_at IS NULL AND voided_at IS NULL ORDER BY expires_at LIMIT $1",
+             WHERE expires_at <= $2 AND expired_at IS NULL AND voided_at IS NULL AND allowance_id IS NULL \
+             ORDER BY expires_at LIMIT $1",
         )
         .bind(limit)
         .bind(now)

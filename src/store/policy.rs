@@ -173,13 +173,12 @@ impl PgStore {
         };
         allocate_pending(&mut tx, tenant).await?;
 
+        // Every allowance: an ended one still has its last grant to expire.
         let allowances = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {ALLOWANCE_COLUMNS} FROM allowances WHERE tenant_id = $1 AND account_id = $2 \
-               AND (ended_at IS NULL OR ended_at > $3)"
+            "SELECT {ALLOWANCE_COLUMNS} FROM allowances WHERE tenant_id = $1 AND account_id = $2"
         )))
         .bind(tenant)
         .bind(account)
-        .bind(boundary)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -214,7 +213,7 @@ impl PgStore {
                     entries.push(insert_entry(&mut tx, tenant, account, grant_id, "expiry", minus).await?);
                 }
             }
-            if a.ended_at.is_some() || new_period.end.is_none() {
+            if a.ended_at.is_some_and(|ended| ended <= boundary) || new_period.end.is_none() {
                 continue;
             }
             has_allowance = true;

@@ -10,4 +10,5 @@ mod hot_path;
 mod idempotency;
 mod pricing;
 mod recovery;
+mod scenarios;
 mod security;
