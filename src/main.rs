@@ -47,6 +47,12 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Compare every account's hot balance (Redis) with its ledger
+    /// (PostgreSQL) for a tenant; exit 1 if any differ.
+    Check {
+        #[arg(long)]
+        tenant: String,
+    },
     /// Print the effective configuration's defaults file and exit.
     DefaultConfig,
 }
@@ -116,6 +122,20 @@ async fn run(command: Command, config: Config) -> Result<(), Box<dyn std::error:
             Ok(())
         }
         Command::Keys { action } => keys(action, &config).await,
+        Command::Check { tenant } => {
+            let mut config = config;
+            // A private listener: the check serves nothing.
+            config.server.listen = "127.0.0.1:0".parse()?;
+            config.pricing.load_default_catalog = false;
+            let app = App::build(config).await?;
+            app.engine().require_tenant(&tenant).await?;
+            let (checked, drifts) = app.engine().check_balances(&tenant).await?;
+            println!("{checked} accounts checked, {} differ", drifts.len());
+            for d in &drifts {
+                println!("{}\thot {}\tledger {}", d.account_id, d.hot, d.ledger);
+            }
+            if drifts.is_empty() { Ok(()) } else { Err("hot balances drift from the ledger".into()) }
+        }
         Command::Serve { demo: seed_demo, demo_key_file, .. } => {
             let max_depth = config.hot.max_depth;
             let app = App::build(config).await?;
