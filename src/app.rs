@@ -107,6 +107,7 @@ impl App {
         }
         let hot = HotStore::connect(
             &config.redis.url,
+            config.redis.cluster,
             config.redis.key_prefix.clone(),
             config.hot.max_depth,
             HotTimings {

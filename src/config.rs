@@ -74,8 +74,10 @@ pub struct PostgresConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Connection URL (secret: logged redacted).
+    /// Connection URL, or cluster seed URLs (secret: logged redacted).
     pub url: String,
+    /// Redis Cluster mode.
+    pub cluster: bool,
     /// Namespace of every key.
     pub key_prefix: String,
     /// Per-call timeout: past it the hot path fails closed.
@@ -239,10 +241,14 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
         }
-        for (key, url, schemes) in [
-            ("postgres.url", &self.postgres.url, &["postgres", "postgresql"][..]),
-            ("redis.url", &self.redis.url, &["redis", "rediss"][..]),
-        ] {
+        let redis_urls: Vec<&str> = if self.redis.cluster {
+            self.redis.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+        } else {
+            vec![self.redis.url.as_str()]
+        };
+        let mut urls = vec![("postgres.url", self.postgres.url.as_str(), &["postgres", "postgresql"][..])];
+        urls.extend(redis_urls.into_iter().map(|u| ("redis.url", u, &["redis", "rediss"][..])));
+        for (key, url, schemes) in urls {
             match url::Url::parse(url) {
                 Ok(u) if schemes.contains(&u.scheme()) => {}
                 Ok(u) => return invalid(key, &format!("scheme {:?} is not one of {schemes:?}", u.scheme())),
@@ -256,17 +262,20 @@ impl Config {
     }
 }
 
-/// A URL with its password replaced, for logs.
+/// A URL (or comma-separated URLs) with passwords replaced, for logs.
 pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
+    raw.split(',')
+        .map(|one| match url::Url::parse(one.trim()) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
             }
-            u.to_string()
-        }
-        Err(_) => "<unparsable url>".to_string(),
-    }
+            Err(_) => "<unparsable url>".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {

@@ -197,9 +197,45 @@ pub struct ReapPass {
     pub overdue_commits: Vec<String>,
 }
 
+/// One Redis, or a Redis Cluster. Every call of one tenant touches keys of
+/// one hash slot, so scripts and pipelines work unchanged on a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct HotStore {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     base: String,
     max_depth: u32,
@@ -219,20 +255,33 @@ pub struct ReserveCall<'a> {
 }
 
 impl HotStore {
+    /// Connects to one Redis (`url`), or with `cluster` to a Redis Cluster
+    /// (`url` lists seed nodes, comma-separated).
     pub async fn connect(
         url: &str,
+        cluster: bool,
         base: String,
         max_depth: u32,
         timings: HotTimings,
         timeout: Duration,
     ) -> HotResult<Self> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let conn = if cluster {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(2)
+                .build()?;
+            Conn::Cluster(client.get_async_connection().await?)
+        } else {
+            let client = redis::Client::open(url)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(timeout))
+                .set_connection_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            Conn::Single(ConnectionManager::new_with_config(client, config).await?)
+        };
         Ok(HotStore { conn, scripts: Arc::new(Scripts::load()), base, max_depth, timings })
     }
 
@@ -624,16 +673,28 @@ impl HotStore {
         // Drop whatever the tenant had (holds of a lost state, stale keys).
         let mut cursor: u64 = 0;
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(keys.pattern())
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor).arg("MATCH").arg(keys.pattern()).arg("COUNT").arg(1000);
+            let (next, batch): (u64, Vec<String>) = match &mut conn {
+                Conn::Single(c) => scan.query_async(c).await?,
+                // The tenant's keys all live on the node of its hash slot.
+                Conn::Cluster(c) => {
+                    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                    let route = Route::new(keys.slot(), SlotAddr::Master);
+                    let value = c
+                        .route_command(scan, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)))
+                        .await?;
+                    redis::from_redis_value(value).map_err(|e| HotError::Protocol(format!("SCAN reply: {e}")))?
+                }
+            };
+            // One key per UNLINK: a cluster refuses a multi-key command
+            // unless it can prove one slot, and a pipeline keeps it one trip.
             if !batch.is_empty() {
-                let _: () = redis::cmd("UNLINK").arg(&batch).query_async(&mut conn).await?;
+                let mut pipe = redis::pipe();
+                for key in &batch {
+                    pipe.cmd("UNLINK").arg(key).ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await?;
             }
             if next == 0 {
                 break;

@@ -52,6 +52,13 @@ impl TenantKeys {
         format!("{}m:{ledger_entry}", self.prefix)
     }
 
+    /// The Redis Cluster hash slot of every key of the tenant.
+    pub fn slot(&self) -> u16 {
+        let start = self.prefix.find('{').map_or(0, |i| i + 1);
+        let end = self.prefix[start..].find('}').map_or(self.prefix.len(), |i| start + i);
+        crc16_xmodem(&self.prefix.as_bytes()[start..end]) % 16384
+    }
+
     /// Pattern matching every key of the tenant (for a rebuild).
     pub fn pattern(&self) -> String {
         // `{` `}` `[` `]` `*` `?` are glob characters; the prefix's braces
@@ -68,6 +75,18 @@ impl TenantKeys {
     }
 }
 
+/// CRC16/XMODEM, the checksum Redis Cluster slots are computed with.
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +98,13 @@ mod tests {
             assert!(key.starts_with("creditd:{t:acme}:"), "{key}");
         }
         assert_eq!(keys.pattern(), "creditd:{t:acme}:*");
+    }
+
+    #[test]
+    fn slots_follow_the_redis_cluster_spec() {
+        // Reference values from the Redis Cluster specification.
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(TenantKeys::new("x:", "acme").slot(), crc16_xmodem(b"t:acme") % 16384);
+        assert_eq!(TenantKeys::new("other-prefix:", "acme").slot(), TenantKeys::new("x:", "acme").slot());
     }
 }
