@@ -3,11 +3,13 @@
 #
 # Starts a throwaway PostgreSQL and Redis on free 127.0.0.1 ports, exports
 #   CREDITD_TEST_DATABASE_URL and CREDITD_TEST_REDIS_URL,
-# then runs cargo fmt --check, cargo clippy and cargo test. Everything is torn
-# down on exit, whatever the outcome.
+# then runs cargo fmt --check, cargo clippy, the Helm chart check
+# (scripts/helm-check.sh) and cargo test, then loads the chart's rendered
+# configurations with the creditd binary just built. Everything is torn down
+# on exit, whatever the outcome.
 #
 # Usage: scripts/test.sh [extra cargo test args...]   e.g. scripts/test.sh exactness
-#   CREDITD_SKIP_LINT=1 scripts/test.sh               skip fmt + clippy
+#   CREDITD_SKIP_LINT=1 scripts/test.sh               skip fmt + clippy (the chart check still runs)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -91,7 +93,16 @@ else
     run cargo clippy --all-targets --locked -- -D warnings
 fi
 
+step "scripts/helm-check.sh: helm lint --strict, helm template, kubernetes-validate --strict"
+run bash scripts/helm-check.sh
+
 step "cargo test --all-targets --locked $*"
 run cargo test --all-targets --locked "$@"
+
+CREDITD_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/creditd"
+if [[ -x "$CREDITD_BIN" ]]; then
+    step "scripts/helm-check.sh --config-only: the chart's rendered creditd.toml loads in creditd"
+    run bash scripts/helm-check.sh --config-only --creditd "$CREDITD_BIN"
+fi
 
 printf '\n==> scripts/test.sh: ALL CHECKS PASSED\n'
