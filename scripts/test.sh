@@ -2,7 +2,8 @@
 # The project's test command (CI runs it through .ci/run).
 #
 # Starts a throwaway PostgreSQL and Redis on free 127.0.0.1 ports, exports
-#   CREDITD_TEST_DATABASE_URL and CREDITD_TEST_REDIS_URL,
+#   CREDITD_TEST_DATABASE_URL, CREDITD_TEST_REDIS_URL and (a 3-master Redis
+#   Cluster) CREDITD_TEST_REDIS_CLUSTER_URL,
 # then runs cargo fmt --check, cargo clippy, the Helm chart check
 # (scripts/helm-check.sh) and cargo test, then loads the chart's rendered
 # configurations with the creditd binary just built. Everything is torn down
@@ -24,6 +25,7 @@ TMP_DIR="$(mktemp -d "${TMPDIR:-/tmp}/creditd-test.XXXXXX")"
 chmod 0755 "$TMP_DIR"
 PG_DIR="$TMP_DIR/pg"
 REDIS_DIR="$TMP_DIR/redis"
+CLUSTER_DIR="$TMP_DIR/redis-cluster"
 
 CHILD_PID=""
 
@@ -46,6 +48,7 @@ cleanup() {
     fi
     stop_postgres "$PG_DIR" immediate
     stop_redis "$REDIS_DIR"
+    stop_redis_cluster "$CLUSTER_DIR"
     rm -rf "$TMP_DIR"
     if [[ $rc -ne 0 ]]; then
         printf '\n==> scripts/test.sh: FAILED (exit code %s)\n' "$rc" >&2
@@ -66,10 +69,15 @@ start_postgres "$PG_DIR" "$PGPORT" throwaway
 mkdir -p "$REDIS_DIR"
 start_redis "$REDIS_DIR" "$REDISPORT"
 
+start_redis_cluster "$CLUSTER_DIR" 3
+
 export CREDITD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/postgres"
 export CREDITD_TEST_REDIS_URL="redis://127.0.0.1:$REDISPORT/"
+CREDITD_TEST_REDIS_CLUSTER_URL="$(cat "$CLUSTER_DIR/urls")"
+export CREDITD_TEST_REDIS_CLUSTER_URL
 echo "CREDITD_TEST_DATABASE_URL=$CREDITD_TEST_DATABASE_URL"
 echo "CREDITD_TEST_REDIS_URL=$CREDITD_TEST_REDIS_URL"
+echo "CREDITD_TEST_REDIS_CLUSTER_URL=$CREDITD_TEST_REDIS_CLUSTER_URL"
 
 step() { printf '\n==> %s\n' "$*"; }
 

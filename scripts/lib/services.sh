@@ -326,3 +326,51 @@ stop_redis() {
     rm -f "$dir/redis.pid"
     return 0
 }
+
+# start_redis_cluster DIR N: N cluster-enabled Redis masters on free loopback
+# ports (one sub-directory each), joined into one cluster with no replicas.
+# Prints nothing; the seed URLs end up in DIR/urls (comma-separated).
+start_redis_cluster() {
+    local dir n i port ports=() addrs=() urls=()
+    dir="$(_svc_abspath "$1")"
+    n="${2:-3}"
+    for ((i = 0; i < n; i++)); do
+        port="$(free_port)"
+        mkdir -p "$dir/node$i"
+        printf '%s\n' "$port" >"$dir/node$i/redis.port"
+        _svc_log "starting redis cluster node $i on 127.0.0.1:$port"
+        redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+            --cluster-enabled yes --cluster-config-file "$dir/node$i/nodes.conf" --cluster-node-timeout 5000 \
+            --dir "$dir/node$i" --pidfile "$dir/node$i/redis.pid" --logfile "$dir/node$i/redis.log" \
+            </dev/null >/dev/null || _svc_die "redis cluster node $i failed to start"
+        ports+=("$port")
+        addrs+=("127.0.0.1:$port")
+        urls+=("redis://127.0.0.1:$port")
+    done
+    for port in "${ports[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            [[ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" == PONG ]] && break
+            sleep 0.1
+        done
+    done
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes </dev/null >"$dir/create.log" 2>&1 ||
+        { cat "$dir/create.log" >&2; _svc_die "redis-cli --cluster create failed"; }
+    for ((i = 0; i < 100; i++)); do
+        if redis-cli -h 127.0.0.1 -p "${ports[0]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
+            (IFS=,; printf '%s\n' "${urls[*]}") >"$dir/urls"
+            return 0
+        fi
+        sleep 0.2
+    done
+    _svc_die "the redis cluster did not reach cluster_state:ok"
+}
+
+# stop_redis_cluster DIR: stops every node started by start_redis_cluster.
+stop_redis_cluster() {
+    local dir="${1:-}" node
+    [[ -n "$dir" && -d "$dir" ]] || return 0
+    for node in "$dir"/node*; do
+        [[ -d "$node" ]] && stop_redis "$node"
+    done
+    return 0
+}

@@ -32,6 +32,9 @@ use tonic_types::StatusExt;
 
 pub const TENANT: &str = "acme";
 
+/// Extra settings for apps on `Backends::fresh_cluster`.
+pub const CLUSTER: &[(&str, &str)] = &[("redis.cluster", "true")];
+
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the suite with scripts/test.sh, which starts throwaway PostgreSQL and Redis")
@@ -69,6 +72,14 @@ impl Backends {
             redis_url: env("CREDITD_TEST_REDIS_URL"),
             key_prefix: format!("t{}:", random_suffix()),
         }
+    }
+
+    /// Fresh backends on the test Redis Cluster; spawn apps on them with
+    /// `CLUSTER` as extra settings.
+    pub async fn fresh_cluster() -> Backends {
+        let mut b = Backends::fresh().await;
+        b.redis_url = env("CREDITD_TEST_REDIS_CLUSTER_URL");
+        b
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {

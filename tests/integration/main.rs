@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod bad_input;
+mod cluster;
 mod exactness;
 mod hot_path;
 mod idempotency;

@@ -35,9 +35,16 @@ async fn hot_store(app: &TestApp) -> HotStore {
         tombstone_ttl: Duration::from_secs(3600),
         commit_deadline: Duration::from_millis(300),
     };
-    HotStore::connect(&app.backends.redis_url, false, app.backends.key_prefix.clone(), 8, timings, Duration::from_secs(2))
-        .await
-        .unwrap()
+    HotStore::connect(
+        &app.backends.redis_url,
+        false,
+        app.backends.key_prefix.clone(),
+        8,
+        timings,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
