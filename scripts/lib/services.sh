@@ -334,24 +334,36 @@ start_redis_cluster() {
     local dir n i port ports=() addrs=() urls=()
     dir="$(_svc_abspath "$1")"
     n="${2:-3}"
+    local attempt ok
     for ((i = 0; i < n; i++)); do
-        port="$(free_port)"
         mkdir -p "$dir/node$i"
-        printf '%s\n' "$port" >"$dir/node$i/redis.port"
-        _svc_log "starting redis cluster node $i on 127.0.0.1:$port"
-        redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-            --cluster-enabled yes --cluster-config-file "$dir/node$i/nodes.conf" --cluster-node-timeout 5000 \
-            --dir "$dir/node$i" --pidfile "$dir/node$i/redis.pid" --logfile "$dir/node$i/redis.log" \
-            </dev/null >/dev/null || _svc_die "redis cluster node $i failed to start"
+        # A free port can be taken by someone else before redis binds it
+        # (daemonized redis fails after we return): retry on another port.
+        ok=""
+        for ((attempt = 0; attempt < 5; attempt++)); do
+            port="$(free_port)"
+            printf '%s\n' "$port" >"$dir/node$i/redis.port"
+            _svc_log "starting redis cluster node $i on 127.0.0.1:$port"
+            redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+                --cluster-enabled yes --cluster-config-file "$dir/node$i/nodes.conf" --cluster-node-timeout 5000 \
+                --dir "$dir/node$i" --pidfile "$dir/node$i/redis.pid" --logfile "$dir/node$i/redis.log" \
+                </dev/null >/dev/null || true
+            local w
+            for ((w = 0; w < 30; w++)); do
+                if [[ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" == PONG ]]; then
+                    ok=1
+                    break
+                fi
+                sleep 0.1
+            done
+            [[ -n "$ok" ]] && break
+            stop_redis "$dir/node$i"
+            rm -f "$dir/node$i/nodes.conf"
+        done
+        [[ -n "$ok" ]] || _svc_die "redis cluster node $i did not start (log: $dir/node$i/redis.log)"
         ports+=("$port")
         addrs+=("127.0.0.1:$port")
         urls+=("redis://127.0.0.1:$port")
-    done
-    for port in "${ports[@]}"; do
-        for ((i = 0; i < 100; i++)); do
-            [[ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" == PONG ]] && break
-            sleep 0.1
-        done
     done
     redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes </dev/null >"$dir/create.log" 2>&1 ||
         { cat "$dir/create.log" >&2; _svc_die "redis-cli --cluster create failed"; }

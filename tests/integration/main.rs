@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod bad_input;
 mod cluster;
+mod crash;
 mod exactness;
 mod hot_path;
 mod idempotency;
