@@ -13,11 +13,11 @@ use crate::{
     auth::KeyStore,
     config::{Config, redact_url},
     domain::pricing::BookContent,
-    grpc::pricing::PricingApi,
     grpc::{admin::AdminApi, credit::CreditApi},
+    grpc::{alerts::AlertApi, pricing::PricingApi},
     pb::{
-        admin_service_server::AdminServiceServer, credit_service_server::CreditServiceServer,
-        pricing_service_server::PricingServiceServer,
+        admin_service_server::AdminServiceServer, alert_service_server::AlertServiceServer,
+        credit_service_server::CreditServiceServer, pricing_service_server::PricingServiceServer,
     },
     service::{
         Committer, Engine, Limits, Tenants,
@@ -203,6 +203,7 @@ impl App {
         let max_quantity = rust_decimal::Decimal::from(config.pricing.max_quantity);
         let credit = CreditApi { engine: engine.clone(), max_quantity };
         let pricing = PricingApi { engine: engine.clone(), max_quantity };
+        let alerts = AlertApi { engine: engine.clone(), poll: Duration::from_millis(200) };
         let admin = AdminApi { engine: engine.clone(), max_depth: config.hot.max_depth };
 
         let mut builder = Server::builder().tcp_nodelay(true);
@@ -217,6 +218,7 @@ impl App {
             .add_service(CreditServiceServer::new(credit))
             .add_service(AdminServiceServer::new(admin))
             .add_service(PricingServiceServer::new(pricing))
+            .add_service(AlertServiceServer::new(alerts))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = drain_rx.await;
             });
@@ -253,7 +255,13 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, mut statu
             Serving::Yes => tonic_health::ServingStatus::Serving,
             Serving::No => tonic_health::ServingStatus::NotServing,
         };
-        for name in ["", "creditd.v1.CreditService", "creditd.v1.AdminService", "creditd.v1.PricingService"] {
+        for name in [
+            "",
+            "creditd.v1.CreditService",
+            "creditd.v1.AdminService",
+            "creditd.v1.PricingService",
+            "creditd.v1.AlertService",
+        ] {
             reporter.set_service_status(name, state).await;
         }
         tracing::info!(serving = ?serving, "health");

@@ -3,6 +3,7 @@
 //! caller's tenant is resolved in `caller`.
 
 pub mod admin;
+pub mod alerts;
 pub mod caller;
 pub mod convert;
 pub mod credit;

@@ -2,11 +2,16 @@
 -- account's hot balance, exactly once.
 --
 -- KEYS[1] P epoch   KEYS[2] P a:<account>   KEYS[3] P m:<ledger row id>
--- ARGV[1] delta (micro, signed)   ARGV[2] marker ttl ms
+-- ARGV[1] delta (micro, signed)   ARGV[2] marker ttl ms   ARGV[3] P
+-- ARGV[4] account id
+-- A positive delta (a grant credited) also adds to the period's credits.
 -- Replies: {'applied', balance} | {'duplicate'} | {'not_loaded'} | {'not_found'}
 if not redis.call('GET', KEYS[1]) then return { 'not_loaded' } end
 if redis.call('EXISTS', KEYS[3]) == 1 then return { 'duplicate' } end
 if redis.call('EXISTS', KEYS[2]) == 0 then return { 'not_found' } end
-local b = redis.call('HINCRBY', KEYS[2], 'b', tonumber(ARGV[1]))
+local delta = tonumber(ARGV[1])
+local b = redis.call('HINCRBY', KEYS[2], 'b', delta)
+if delta > 0 then redis.call('HINCRBY', KEYS[2], 'pc', delta) end
 redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[2]))
+alerts_after(ARGV[3], ARGV[4], delta > 0)
 return { 'applied', fmt(b) }

@@ -93,6 +93,9 @@ for i = 1, #dc do
   if charged[i] ~= 0 then redis.call('HINCRBY', prefix .. 'a:' .. dc[i], 'b', -charged[i]) end
   charged_txt[i] = fmt(charged[i])
 end
+for i = 1, #dc do
+  if charged[i] ~= 0 then alerts_after(prefix, dc[i], false) end
+end
 local cc = split(hold.cc)
 for i = 1, #cc do
   if cost ~= 0 then redis.call('HINCRBY', prefix .. 'a:' .. cc[i], 'u', cost) end

@@ -58,6 +58,7 @@ else
       left = left - take
       d[i] = fmt(tonumber(d[i]) + take)
       redis.call('HINCRBY', chain[i].key, 'h', take)
+      alerts_after(prefix, chain[i].id, false)
     end
   end
   if more > 0 then

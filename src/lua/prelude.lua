@@ -14,6 +14,11 @@
 --   P committing     zset: hold id -> deadline ms for its PostgreSQL write
 --   P i:<rpc>:<key>  string: idempotency record {ph = payload hash, r = reply}
 --   P m:<ledger id>  string: marker of a ledger row applied to b
+--   P alerts         stream: alerts fired, moved to PostgreSQL by a job
+-- Alert fields of an account hash: pc the period's credits (balance at the
+-- period start + grants credited since), th thresholds ("p25,p15,a5000000":
+-- percent of pc, or micro-credits), af thresholds fired this period, rt '1'
+-- to re-arm a threshold when a grant lifts the account back above it.
 -- Amounts are integers of micro-credits. Never negate a zero: Lua prints
 -- -0 as "-0", which Redis refuses as an integer. Lua numbers are doubles, exact to
 -- 2^53; the service bounds every amount far below that. Every number
@@ -160,6 +165,52 @@ local function unhold(prefix, hold)
   for i = 1, #cc do
     redis.call('HINCRBY', prefix .. 'a:' .. cc[i], 'uh', -hold.amt)
   end
+end
+
+local function has_token(csv, token)
+  for part in string.gmatch(csv, '[^,]+') do
+    if part == token then return true end
+  end
+  return false
+end
+
+-- After a change of an account's balance or holds: fires each threshold
+-- the account is now at or below and has not fired this period (appending
+-- it to P alerts, atomically with the change), and with `topup` re-arms
+-- thresholds it is back above when the account asks for that.
+local function alerts_after(prefix, id, topup)
+  local key = prefix .. 'a:' .. id
+  local f = redis.call('HMGET', key, 'b', 'h', 'pc', 'th', 'af', 'rt')
+  local th = f[4]
+  if th == false or th == '' then return end
+  local left = num(f[1]) - num(f[2])
+  local pc = num(f[3])
+  local fired = f[5] or ''
+  local kept = {}
+  local changed = false
+  local now = nil
+  for token in string.gmatch(th, '[^,]+') do
+    local kind, value = string.sub(token, 1, 1), tonumber(string.sub(token, 2))
+    local crossed
+    if kind == 'p' then
+      crossed = pc > 0 and left * 100 <= value * pc
+    else
+      crossed = left <= value
+    end
+    local was = has_token(fired, token)
+    if crossed and not was then
+      now = now or now_ms()
+      redis.call('XADD', prefix .. 'alerts', '*', 'account', id, 'threshold', token,
+        'available', fmt(left), 'pc', fmt(pc), 'at', fmt(now))
+      kept[#kept + 1] = token
+      changed = true
+    elseif was and not crossed and topup and f[6] == '1' then
+      changed = true
+    elseif was then
+      kept[#kept + 1] = token
+    end
+  end
+  if changed then redis.call('HSET', key, 'af', table.concat(kept, ',')) end
 end
 
 local function load_hold(key)

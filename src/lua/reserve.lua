@@ -64,6 +64,9 @@ else
     'd', table.concat(draws, ','), 'cc', table.concat(cc, ','), 'exp', fmt(exp), 'st', 'active',
     'lab', ARGV[8], 'ep', epoch, 'pv', ARGV[10])
   redis.call('ZADD', KEYS[3], exp, ARGV[5])
+  for i = 1, ev.k do
+    if draws[i] ~= '0' then alerts_after(prefix, chain[i].id, false) end
+  end
   reply = { 'granted', '0', ARGV[5], fmt(amount), fmt(exp), fmt(ev.avail - amount) }
 end
 

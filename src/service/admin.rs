@@ -16,6 +16,7 @@ use crate::{
     error::{Error, Reason, Result},
     service::policy::rule_of,
     store::{
+        alerts::AlertPolicy,
         hot::AccountSettings,
         pg::{
             AccountRow, AccountUpdate, Forfeit, Forfeited, GrantCreated, GrantRow, PendingEntry, PeriodSpec, TenantRow,
@@ -368,13 +369,14 @@ impl Engine {
 
     pub(crate) async fn put_hot_account(&self, tenant: &str, row: &AccountRow) -> Result<()> {
         let has_allowance = self.pg.has_live_allowance(tenant, &row.account_id).await?;
-        let settings = hot_settings(row, has_allowance);
+        let alerts = self.pg.alert_policy(tenant, Some(&row.account_id)).await?;
+        let settings = hot_settings(row, has_allowance, &alerts);
         self.hot.put_account(tenant, &row.account_id, &settings).await.map_err(|e| self.hot_error(e))
     }
 }
 
 /// The Redis settings of an account.
-pub fn hot_settings(row: &AccountRow, has_allowance: bool) -> AccountSettings {
+pub fn hot_settings(row: &AccountRow, has_allowance: bool, alerts: &AlertPolicy) -> AccountSettings {
     AccountSettings {
         parent_id: row.parent_id.clone(),
         pool_access: row.pool_access,
@@ -382,6 +384,8 @@ pub fn hot_settings(row: &AccountRow, has_allowance: bool) -> AccountSettings {
         suspended: row.suspended,
         period_end: row.period_end,
         renews_at: if has_allowance { row.period_end } else { None },
+        alert_thresholds: alerts.hot_spec(),
+        rearm_on_topup: alerts.rearm_on_topup,
     }
 }
 

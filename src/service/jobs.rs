@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::{Engine, admin::hot_settings};
 use crate::{
+    domain::Credits,
     error::Result,
     store::{
         hot::AccountCounters,
@@ -121,6 +122,7 @@ impl Engine {
     }
 
     async fn reap_tenant(&self, tenant: &str) -> Result<()> {
+        self.move_alerts(tenant).await?;
         let pass = self.hot.reap(tenant, 1000).await?;
         if pass.expired > 0 {
             tracing::debug!(tenant, expired = pass.expired, "holds expired");
@@ -140,6 +142,24 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Moves fired alerts from the tenant's Redis stream to the PostgreSQL
+    /// outbox. Written first, removed after: a crash in between moves them
+    /// again, and the outbox keeps one of each.
+    async fn move_alerts(&self, tenant: &str) -> Result<()> {
+        loop {
+            let alerts = self.hot.pending_alerts(tenant, 500).await?;
+            if alerts.is_empty() {
+                return Ok(());
+            }
+            self.pg.insert_alerts(tenant, &alerts).await?;
+            let ids: Vec<String> = alerts.iter().map(|a| a.stream_id.clone()).collect();
+            self.hot.ack_alerts(tenant, &ids).await?;
+            if alerts.len() < 500 {
+                return Ok(());
+            }
+        }
     }
 
     /// One pass of ledger work.
@@ -228,18 +248,20 @@ impl Engine {
             tokio::time::sleep(settle).await;
         }
         let snapshot = self.pg.snapshot(tenant).await?;
-        let accounts: Vec<_> = snapshot
-            .accounts
-            .iter()
-            .map(|a| {
-                let counters = AccountCounters {
-                    balance: snapshot.balances.get(&a.account_id).copied().unwrap_or_default(),
-                    used: snapshot.usage.get(&a.account_id).copied().unwrap_or_default(),
-                };
-                let has_allowance = snapshot.with_allowance.contains(&a.account_id);
-                (a.account_id.clone(), hot_settings(a, has_allowance), counters)
-            })
-            .collect();
+        let mut accounts = Vec::with_capacity(snapshot.accounts.len());
+        for a in &snapshot.accounts {
+            let balance = snapshot.balances.get(&a.account_id).copied().unwrap_or_default();
+            let drawn = snapshot.period_draws.get(&a.account_id).copied().unwrap_or_default();
+            let counters = AccountCounters {
+                balance,
+                used: snapshot.usage.get(&a.account_id).copied().unwrap_or_default(),
+                period_credits: balance.max(Credits::ZERO).checked_add(drawn).unwrap_or(balance),
+                fired: snapshot.fired.get(&a.account_id).cloned().unwrap_or_default(),
+            };
+            let has_allowance = snapshot.with_allowance.contains(&a.account_id);
+            let alerts = self.pg.alert_policy(tenant, Some(&a.account_id)).await?;
+            accounts.push((a.account_id.clone(), hot_settings(a, has_allowance, &alerts), counters));
+        }
         let epoch = self.hot.load_tenant(tenant, &accounts, &snapshot.unapplied).await?;
         self.pg.mark_applied(&snapshot.unapplied).await?;
         lock.commit().await?;

@@ -357,3 +357,40 @@ impl Engine {
         Ok((snapshot.accounts.len() as u64, drifts))
     }
 }
+
+impl Engine {
+    /// Sets alert thresholds for the tenant (`account` None) or one account,
+    /// and pushes them to the hot state of every account they now govern.
+    pub async fn set_alert_policy(
+        &self,
+        tenant: &str,
+        account: Option<&str>,
+        policy: &crate::store::alerts::AlertPolicy,
+    ) -> Result<()> {
+        self.require_tenant(tenant).await?;
+        if let Some(a) = account {
+            self.get_account(tenant, a).await?;
+        }
+        self.pg.set_alert_policy(tenant, account, policy).await?;
+        match account {
+            Some(a) => {
+                let row = self.get_account(tenant, a).await?;
+                self.put_hot_account(tenant, &row).await?;
+            }
+            None => {
+                let mut after = String::new();
+                loop {
+                    let page = self.pg.list_accounts(tenant, None, &after, 500).await?;
+                    for row in &page {
+                        self.put_hot_account(tenant, row).await?;
+                    }
+                    match page.last() {
+                        Some(last) if page.len() == 500 => after = last.account_id.clone(),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use chrono::{DateTime, TimeZone, Utc};
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
-use super::keys::TenantKeys;
+use super::{alerts::StreamedAlert, keys::TenantKeys};
 use crate::{
     decision::{Denial, DenialReason, HoldState},
     domain::Credits,
@@ -181,6 +181,9 @@ pub struct AccountSettings {
     pub period_end: Option<DateTime<Utc>>,
     /// When a recurring allowance of the account next renews.
     pub renews_at: Option<DateTime<Utc>>,
+    /// Alert thresholds in their Redis form ("p25,p15,a5000000").
+    pub alert_thresholds: String,
+    pub rearm_on_topup: bool,
 }
 
 /// Counters of one account, written only by a rebuild.
@@ -188,6 +191,10 @@ pub struct AccountSettings {
 pub struct AccountCounters {
     pub balance: Credits,
     pub used: Credits,
+    /// The period's credits (for percent alerts).
+    pub period_credits: Credits,
+    /// Alert thresholds already fired this period ("p25,p15").
+    pub fired: String,
 }
 
 /// The result of one reaper pass over a tenant.
@@ -568,6 +575,8 @@ impl HotStore {
             .key(keys.marker(entry_id))
             .arg(delta.micros())
             .arg(millis(self.timings.idempotency_ttl.max(Duration::from_secs(7 * 86_400))))
+            .arg(keys.prefix())
+            .arg(account)
             .invoke_async(&mut self.conn.clone())
             .await?;
         let r = Reply::new(&reply);
@@ -592,6 +601,8 @@ impl HotStore {
             .arg(if settings.suspended { "1" } else { "0" })
             .arg(ms_or_zero(settings.period_end))
             .arg(ms_or_zero(settings.renews_at))
+            .arg(&settings.alert_thresholds)
+            .arg(if settings.rearm_on_topup { "1" } else { "0" })
             .invoke_async(&mut self.conn.clone())
             .await?;
         let r = Reply::new(&reply);
@@ -628,6 +639,45 @@ impl HotStore {
             "stale" => Ok(false),
             other => Err(r.failure(other)),
         }
+    }
+
+    /// The oldest alerts waiting in the tenant's stream.
+    pub async fn pending_alerts(&self, tenant: &str, limit: usize) -> HotResult<Vec<StreamedAlert>> {
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.keys(tenant).alerts())
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        entries
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let field = |name: &str| -> HotResult<String> {
+                    entry.get::<String>(name).ok_or_else(|| HotError::Protocol(format!("alert without {name}")))
+                };
+                Ok(StreamedAlert {
+                    stream_id: entry.id.clone(),
+                    account_id: field("account")?,
+                    token: field("threshold")?,
+                    available: parse_micros(&field("available")?)?,
+                    period_credits: parse_micros(&field("pc")?)?,
+                    fired_at_ms: field("at")?.parse().map_err(|_| HotError::Protocol("alert time".into()))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes alerts the outbox has.
+    pub async fn ack_alerts(&self, tenant: &str, ids: &[String]) -> HotResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: i64 =
+            redis::cmd("XDEL").arg(self.keys(tenant).alerts()).arg(ids).query_async(&mut self.conn.clone()).await?;
+        Ok(())
     }
 
     pub async fn reap(&self, tenant: &str, limit: usize) -> HotResult<ReapPass> {
@@ -728,6 +778,10 @@ impl HotStore {
                         ("s", if settings.suspended { "1" } else { "0" }.to_string()),
                         ("pe", ms_or_zero(settings.period_end).to_string()),
                         ("ra", ms_or_zero(settings.renews_at).to_string()),
+                        ("th", settings.alert_thresholds.clone()),
+                        ("rt", if settings.rearm_on_topup { "1" } else { "0" }.to_string()),
+                        ("pc", counters.period_credits.micros().to_string()),
+                        ("af", counters.fired.clone()),
                         ("b", counters.balance.micros().to_string()),
                         ("h", "0".to_string()),
                         ("u", counters.used.micros().to_string()),

@@ -47,6 +47,11 @@ impl TenantKeys {
         format!("{}i:{rpc}:{key}", self.prefix)
     }
 
+    /// Stream of fired alerts, moved to PostgreSQL by a job.
+    pub fn alerts(&self) -> String {
+        format!("{}alerts", self.prefix)
+    }
+
     /// Marker of a ledger row applied to a hot balance.
     pub fn marker(&self, ledger_entry: i64) -> String {
         format!("{}m:{ledger_entry}", self.prefix)

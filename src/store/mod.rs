@@ -2,6 +2,7 @@
 //! the source of truth; `policy` holds its credit-policy queries). `keys`
 //! names every Redis key.
 
+pub mod alerts;
 pub mod hot;
 pub mod keys;
 pub mod pg;

@@ -223,6 +223,11 @@ pub struct TenantSnapshot {
     pub usage: HashMap<String, Credits>,
     /// Accounts with a live recurring allowance.
     pub with_allowance: Vec<String>,
+    /// Per account: what it was charged in its current period (to recover
+    /// the period's credits: balance + this).
+    pub period_draws: HashMap<String, Credits>,
+    /// Per account: alert thresholds fired in its current period ("p25,a5").
+    pub fired: HashMap<String, String>,
     /// Ledger rows not yet marked applied (they are part of the balances).
     pub unapplied: Vec<i64>,
 }
@@ -770,8 +775,40 @@ impl PgStore {
                 .bind(tenant)
                 .fetch_all(&mut *tx)
                 .await?;
+        let draws: Vec<(String, Decimal)> = sqlx::query_as(
+            "SELECT d.account, SUM(d.amount) FROM usage_events e \
+             CROSS JOIN jsonb_to_recordset(e.draws) AS d(account text, amount numeric) \
+             JOIN accounts a ON a.tenant_id = e.tenant_id AND a.account_id = d.account \
+             WHERE e.tenant_id = $1 AND e.recorded_at >= COALESCE(a.period_start, '-infinity'::timestamptz) \
+             GROUP BY d.account",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
+        let period_draws = draws.into_iter().map(|(a, s)| Ok((a, credits(s)?))).collect::<PgResult<HashMap<_, _>>>()?;
+        let fired_rows: Vec<(String, String, Decimal)> = sqlx::query_as(
+            "SELECT al.account_id, al.kind, al.threshold FROM alerts al \
+             JOIN accounts a ON a.tenant_id = al.tenant_id AND a.account_id = al.account_id \
+             WHERE al.tenant_id = $1 AND al.fired_at >= COALESCE(a.period_start, '-infinity'::timestamptz)",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut fired: HashMap<String, String> = HashMap::new();
+        for (account, kind, threshold) in fired_rows {
+            let token = if kind == "percent" {
+                format!("p{}", threshold.normalize())
+            } else {
+                format!("a{}", credits(threshold)?.micros())
+            };
+            let entry = fired.entry(account).or_default();
+            if !entry.is_empty() {
+                entry.push(',');
+            }
+            entry.push_str(&token);
+        }
         tx.commit().await?;
-        Ok(TenantSnapshot { accounts, balances, usage, with_allowance, unapplied })
+        Ok(TenantSnapshot { accounts, balances, usage, with_allowance, period_draws, fired, unapplied })
     }
 
     // ---- usage events ----------------------------------------------------

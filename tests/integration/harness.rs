@@ -139,6 +139,7 @@ pub struct TestApp {
     /// tenant (or `!operator`) → API key.
     pub keys: Arc<Mutex<HashMap<String, String>>>,
     pub engine: creditd::service::Engine,
+    channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -211,9 +212,10 @@ impl TestApp {
             pricing: PricingServiceClient::with_interceptor(channel.clone(), injector),
             raw_pricing: PricingServiceClient::new(channel.clone()),
             raw_credit: CreditServiceClient::new(channel.clone()),
-            raw_admin: AdminServiceClient::new(channel),
+            raw_admin: AdminServiceClient::new(channel.clone()),
             keys,
             engine,
+            channel: channel.clone(),
             shutdown: Some(tx),
             server: Some(server),
         }
@@ -255,6 +257,11 @@ impl TestApp {
             .expect("create api key")
             .into_inner()
             .key
+    }
+
+    /// The app's channel, for clients the harness does not wrap.
+    pub fn raw_admin_channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// PricingService, with keys injected like `credit` and `admin`.

@@ -4,6 +4,7 @@
 mod harness;
 
 mod admin;
+mod alerts;
 mod bad_input;
 mod cluster;
 mod crash;

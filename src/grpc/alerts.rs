@@ -1,0 +1,170 @@
+//! `creditd.v1.AlertService`.
+
+use std::{pin::Pin, time::Duration};
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{
+    caller::{Need, tenant},
+    convert::{self, Sign},
+};
+use crate::{
+    error::{Error, Reason},
+    pb::{self, alert_service_server::AlertService},
+    service::Engine,
+    store::alerts::{AlertPolicy, AlertRow},
+};
+
+pub struct AlertApi {
+    pub engine: Engine,
+    /// How often a WatchAlerts stream looks for new alerts.
+    pub poll: Duration,
+}
+
+fn alert(a: &AlertRow) -> pb::Alert {
+    pb::Alert {
+        cursor: a.seq.to_string(),
+        account_id: a.account_id.clone(),
+        kind: if a.kind == "percent" { pb::ThresholdKind::Percent } else { pb::ThresholdKind::Amount } as i32,
+        threshold: a.threshold.normalize().to_string(),
+        available: a.available.to_string(),
+        period_credits: a.period_credits.to_string(),
+        fired_at: Some(convert::timestamp(a.fired_at)),
+    }
+}
+
+fn cursor(text: &str) -> Result<Option<i64>, Error> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<i64>()
+        .ok()
+        .filter(|c| *c >= 0)
+        .map(Some)
+        .ok_or_else(|| Error::invalid("cursor", Reason::InvalidArgument, "is not a cursor creditd issued"))
+}
+
+fn policy_pb(account_id: &str, p: &AlertPolicy) -> pb::AlertPolicy {
+    pb::AlertPolicy {
+        account_id: account_id.to_string(),
+        percents: p.percents.clone(),
+        amounts: p.amounts.iter().map(|a| a.to_string()).collect(),
+        rearm_on_topup: p.rearm_on_topup,
+    }
+}
+
+#[tonic::async_trait]
+impl AlertService for AlertApi {
+    type WatchAlertsStream = Pin<Box<dyn Stream<Item = Result<pb::Alert, Status>> + Send>>;
+
+    async fn watch_alerts(
+        &self,
+        request: Request<pb::WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        let start = match cursor(&request.get_ref().cursor)? {
+            Some(c) => c,
+            None => self.engine.pg.last_alert(&tenant).await.map_err(Error::from)?,
+        };
+        let engine = self.engine.clone();
+        let poll = self.poll;
+        let stream = futures::stream::unfold(
+            (start, std::collections::VecDeque::<AlertRow>::new()),
+            move |(mut after, mut buffer)| {
+                let engine = engine.clone();
+                let tenant = tenant.clone();
+                async move {
+                    loop {
+                        if let Some(next) = buffer.pop_front() {
+                            after = next.seq;
+                            return Some((Ok(alert(&next)), (after, buffer)));
+                        }
+                        match engine.pg.alerts_after(&tenant, after, 100).await {
+                            Ok(rows) if !rows.is_empty() => buffer.extend(rows),
+                            Ok(_) => tokio::time::sleep(poll).await,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "alert stream: cannot read the outbox; retrying");
+                                tokio::time::sleep(poll * 4).await;
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        let r = request.into_inner();
+        let after = cursor(&r.cursor)?.unwrap_or(0);
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=1000 => i64::from(n),
+            _ => return Err(Error::invalid("limit", Reason::InvalidArgument, "must be between 0 and 1000").into()),
+        };
+        let rows = self.engine.pg.alerts_after(&tenant, after, limit).await.map_err(Error::from)?;
+        let cursor = rows.last().map_or(r.cursor.clone(), |a| a.seq.to_string());
+        Ok(Response::new(pb::ListAlertsResponse { alerts: rows.iter().map(alert).collect(), cursor }))
+    }
+
+    async fn set_alert_policy(
+        &self,
+        request: Request<pb::SetAlertPolicyRequest>,
+    ) -> Result<Response<pb::AlertPolicy>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        let p = request
+            .into_inner()
+            .policy
+            .ok_or_else(|| Error::invalid("policy", Reason::InvalidArgument, "is required"))?;
+        if p.percents.len() + p.amounts.len() > 16 {
+            return Err(Error::invalid("policy", Reason::InvalidArgument, "has more than 16 thresholds").into());
+        }
+        for (i, pct) in p.percents.iter().enumerate() {
+            if !(0..=100).contains(pct) {
+                return Err(Error::invalid(
+                    format!("policy.percents[{i}]"),
+                    Reason::InvalidArgument,
+                    "must be 0 to 100",
+                )
+                .into());
+            }
+        }
+        let amounts = p
+            .amounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                convert::amount("policy.amounts", a, Sign::NonNegative).map_err(|_| {
+                    Error::invalid(format!("policy.amounts[{i}]"), Reason::InvalidAmount, "is not an amount")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut percents = p.percents.clone();
+        percents.sort_unstable_by(|a, b| b.cmp(a));
+        percents.dedup();
+        let policy = AlertPolicy { percents, amounts, rearm_on_topup: p.rearm_on_topup };
+        let account =
+            if p.account_id.is_empty() { None } else { Some(convert::account_id("policy.account_id", &p.account_id)?) };
+        self.engine.set_alert_policy(&tenant, account.as_deref(), &policy).await?;
+        Ok(Response::new(policy_pb(&p.account_id, &policy)))
+    }
+
+    async fn get_alert_policy(
+        &self,
+        request: Request<pb::GetAlertPolicyRequest>,
+    ) -> Result<Response<pb::AlertPolicy>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        let id = request.into_inner().account_id;
+        let account = if id.is_empty() { None } else { Some(convert::account_id("account_id", &id)?) };
+        if let Some(a) = &account {
+            self.engine.get_account(&tenant, a).await?;
+        }
+        let policy = self.engine.pg.alert_policy(&tenant, account.as_deref()).await.map_err(Error::from)?;
+        Ok(Response::new(policy_pb(&id, &policy)))
+    }
+}
