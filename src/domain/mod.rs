@@ -2,6 +2,7 @@
 //! order, billing periods, rating. No I/O, no tonic, sqlx or redis.
 
 pub mod grant;
+pub mod hmac;
 pub mod ids;
 pub mod money;
 pub mod period;

@@ -13,7 +13,7 @@ use crate::{
     error::{Error, Reason},
     pb::{self, alert_service_server::AlertService},
     service::Engine,
-    store::alerts::{AlertPolicy, AlertRow},
+    store::alerts::{AlertPolicy, AlertRow, Webhook},
 };
 
 pub struct AlertApi {
@@ -166,5 +166,85 @@ impl AlertService for AlertApi {
         }
         let policy = self.engine.pg.alert_policy(&tenant, account.as_deref()).await.map_err(Error::from)?;
         Ok(Response::new(policy_pb(&id, &policy)))
+    }
+
+    async fn set_webhook(&self, request: Request<pb::SetWebhookRequest>) -> Result<Response<pb::WebhookInfo>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        let r = request.into_inner();
+        let url =
+            url::Url::parse(&r.url).ok().filter(|u| u.scheme() == "http" && u.host().is_some()).ok_or_else(|| {
+                Error::invalid("url", Reason::InvalidArgument, "must be an http:// URL (https is not supported yet)")
+            })?;
+        if r.secret.len() < 16 || r.secret.len() > 256 {
+            return Err(Error::invalid("secret", Reason::InvalidArgument, "must be 16 to 256 characters").into());
+        }
+        let max_attempts = match r.max_attempts {
+            0 => 8,
+            n @ 1..=100 => n,
+            _ => {
+                return Err(Error::invalid("max_attempts", Reason::InvalidArgument, "must be between 0 and 100").into());
+            }
+        };
+        let webhook = Webhook { url: url.to_string(), secret: r.secret, max_attempts };
+        self.engine.pg.set_webhook(&tenant, &webhook).await.map_err(Error::from)?;
+        tracing::info!(tenant, url = %webhook.url, "webhook set");
+        Ok(Response::new(pb::WebhookInfo { url: webhook.url, max_attempts, secret_set: true }))
+    }
+
+    async fn get_webhook(&self, request: Request<pb::GetWebhookRequest>) -> Result<Response<pb::WebhookInfo>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        let webhook = self.engine.pg.webhook(&tenant).await.map_err(Error::from)?;
+        Ok(Response::new(webhook.map_or_else(pb::WebhookInfo::default, |w| pb::WebhookInfo {
+            url: w.url,
+            max_attempts: w.max_attempts,
+            secret_set: true,
+        })))
+    }
+
+    async fn delete_webhook(
+        &self,
+        request: Request<pb::GetWebhookRequest>,
+    ) -> Result<Response<pb::WebhookInfo>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        self.engine.pg.delete_webhook(&tenant).await.map_err(Error::from)?;
+        Ok(Response::new(pb::WebhookInfo::default()))
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        let tenant = tenant(&self.engine, &request, Need::Admin).await?;
+        let r = request.into_inner();
+        let status = match pb::DeliveryStatus::try_from(r.status) {
+            Ok(pb::DeliveryStatus::Unspecified) => None,
+            Ok(pb::DeliveryStatus::Pending) => Some("pending"),
+            Ok(pb::DeliveryStatus::Delivered) => Some("delivered"),
+            Ok(pb::DeliveryStatus::Dead) => Some("dead"),
+            Err(_) => return Err(Error::invalid("status", Reason::InvalidArgument, "is not a DeliveryStatus").into()),
+        };
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=1000 => i64::from(n),
+            _ => return Err(Error::invalid("limit", Reason::InvalidArgument, "must be between 0 and 1000").into()),
+        };
+        let rows = self.engine.pg.deliveries(&tenant, status, limit).await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListWebhookDeliveriesResponse {
+            deliveries: rows
+                .iter()
+                .map(|d| pb::WebhookDelivery {
+                    cursor: d.alert_seq.to_string(),
+                    status: match d.status.as_str() {
+                        "delivered" => pb::DeliveryStatus::Delivered,
+                        "dead" => pb::DeliveryStatus::Dead,
+                        _ => pb::DeliveryStatus::Pending,
+                    } as i32,
+                    attempts: d.attempts,
+                    next_attempt_at: Some(convert::timestamp(d.next_attempt_at)),
+                    last_error: d.last_error.clone(),
+                    delivered_at: d.delivered_at.map(convert::timestamp),
+                })
+                .collect(),
+        }))
     }
 }

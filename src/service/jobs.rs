@@ -8,6 +8,7 @@
 //!   whose PostgreSQL write never confirmed.
 //! - ledger: credits grants that became effective, forfeits expired ones,
 //!   allocates usage to grants, applies ledger rows Redis missed.
+//! - webhooks: sends due alert deliveries, retries, dead letters.
 //! - keys: re-reads cached API keys (revocations reach every replica).
 //! - health: watches Redis and PostgreSQL, rebuilds a tenant's hot state
 //!   when Redis lost it, and reports SERVING only when all is loaded.
@@ -62,6 +63,17 @@ pub fn spawn(
             move || {
                 let engine = engine.clone();
                 async move { engine.ledger_pass().await }
+            }
+        })),
+        tokio::spawn(every(timings.reap * 2, shutdown.clone(), {
+            let engine = engine.clone();
+            move || {
+                let engine = engine.clone();
+                async move {
+                    if let Err(e) = engine.deliver_webhooks().await {
+                        tracing::debug!(error = %e, "webhook pass failed");
+                    }
+                }
             }
         })),
         tokio::spawn({

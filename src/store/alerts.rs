@@ -148,6 +148,17 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         }
+        // Alerts of a tenant with a webhook get a delivery each, in the same
+        // transaction that records them.
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (alert_seq, tenant_id) \
+             SELECT al.alert_seq, al.tenant_id FROM alerts al JOIN webhooks w ON w.tenant_id = al.tenant_id \
+             WHERE al.tenant_id = $1 AND al.stream_id = ANY($2) ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(alerts.iter().map(|a| a.stream_id.clone()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -184,5 +195,165 @@ impl PgStore {
             .bind(tenant)
             .fetch_one(self.pool())
             .await?)
+    }
+}
+
+/// A tenant's webhook (the secret stays inside the service).
+#[derive(Clone, Debug)]
+pub struct Webhook {
+    pub url: String,
+    pub secret: String,
+    pub max_attempts: i32,
+}
+
+/// A delivery claimed for sending, with its alert.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub tenant_id: String,
+    pub attempts: i32,
+    pub alert: AlertRow,
+    pub webhook: Webhook,
+}
+
+/// A delivery as listed to admins.
+#[derive(Clone, Debug)]
+pub struct DeliveryRow {
+    pub alert_seq: i64,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: String,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+impl PgStore {
+    pub async fn set_webhook(&self, tenant: &str, w: &Webhook) -> PgResult<()> {
+        sqlx::query(
+            "INSERT INTO webhooks (tenant_id, url, secret, max_attempts) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant_id) DO UPDATE SET url = $2, secret = $3, max_attempts = $4",
+        )
+        .bind(tenant)
+        .bind(&w.url)
+        .bind(&w.secret)
+        .bind(w.max_attempts)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn webhook(&self, tenant: &str) -> PgResult<Option<Webhook>> {
+        Ok(sqlx::query_as::<_, (String, String, i32)>(
+            "SELECT url, secret, max_attempts FROM webhooks WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_optional(self.pool())
+        .await?
+        .map(|(url, secret, max_attempts)| Webhook { url, secret, max_attempts }))
+    }
+
+    pub async fn delete_webhook(&self, tenant: &str) -> PgResult<bool> {
+        Ok(sqlx::query("DELETE FROM webhooks WHERE tenant_id = $1")
+            .bind(tenant)
+            .execute(self.pool())
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    /// Sends due deliveries with `send`, holding each claimed row locked
+    /// (other replicas skip it) until its outcome is written. `send`
+    /// returns `Err(reason)` for a failed attempt.
+    pub async fn deliver_due<F, Fut>(&self, now: DateTime<Utc>, limit: i64, send: F) -> PgResult<usize>
+    where
+        F: Fn(Delivery) -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let mut tx = self.pool().begin().await?;
+        let rows = sqlx::query(
+            "SELECT d.tenant_id, d.attempts, a.alert_seq, a.account_id, a.kind, a.threshold, a.available, \
+               a.period_credits, a.fired_at, w.url, w.secret, w.max_attempts \
+             FROM webhook_deliveries d JOIN alerts a ON a.alert_seq = d.alert_seq \
+             JOIN webhooks w ON w.tenant_id = d.tenant_id \
+             WHERE d.status = 'pending' AND d.next_attempt_at <= $1 \
+             ORDER BY d.alert_seq LIMIT $2 FOR UPDATE OF d SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let count = rows.len();
+        for r in rows {
+            let delivery = Delivery {
+                tenant_id: r.get(0),
+                attempts: r.get(1),
+                alert: AlertRow {
+                    seq: r.get(2),
+                    account_id: r.get(3),
+                    kind: r.get(4),
+                    threshold: r.get(5),
+                    available: credits(r.get(6))?,
+                    period_credits: credits(r.get(7))?,
+                    fired_at: r.get(8),
+                },
+                webhook: Webhook { url: r.get(9), secret: r.get(10), max_attempts: r.get(11) },
+            };
+            let seq = delivery.alert.seq;
+            let attempts = delivery.attempts + 1;
+            let max_attempts = delivery.webhook.max_attempts;
+            match send(delivery).await {
+                Ok(()) => {
+                    sqlx::query(
+                        "UPDATE webhook_deliveries SET status = 'delivered', attempts = $2, delivered_at = $3, \
+                           last_error = '' WHERE alert_seq = $1",
+                    )
+                    .bind(seq)
+                    .bind(attempts)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Err(reason) => {
+                    // 1 s, 2 s, 4 s … capped at 5 minutes.
+                    let backoff =
+                        chrono::Duration::seconds(1i64 << (attempts - 1).clamp(0, 8)).min(chrono::Duration::minutes(5));
+                    let status = if attempts >= max_attempts { "dead" } else { "pending" };
+                    sqlx::query(
+                        "UPDATE webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4, last_error = $5 \
+                         WHERE alert_seq = $1",
+                    )
+                    .bind(seq)
+                    .bind(status)
+                    .bind(attempts)
+                    .bind(now + backoff)
+                    .bind(reason.chars().take(500).collect::<String>())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    pub async fn deliveries(&self, tenant: &str, status: Option<&str>, limit: i64) -> PgResult<Vec<DeliveryRow>> {
+        Ok(sqlx::query_as::<_, (i64, String, i32, DateTime<Utc>, String, Option<DateTime<Utc>>)>(
+            "SELECT alert_seq, status, attempts, next_attempt_at, last_error, delivered_at FROM webhook_deliveries \
+             WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) ORDER BY alert_seq DESC LIMIT $3",
+        )
+        .bind(tenant)
+        .bind(status)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?
+        .into_iter()
+        .map(|(alert_seq, status, attempts, next_attempt_at, last_error, delivered_at)| DeliveryRow {
+            alert_seq,
+            status,
+            attempts,
+            next_attempt_at,
+            last_error,
+            delivered_at,
+        })
+        .collect())
     }
 }

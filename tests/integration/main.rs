@@ -15,3 +15,4 @@ mod pricing;
 mod recovery;
 mod scenarios;
 mod security;
+mod webhooks;
