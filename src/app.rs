@@ -14,10 +14,11 @@ use crate::{
     config::{Config, redact_url},
     domain::pricing::BookContent,
     grpc::pricing::PricingApi,
+    grpc::reports::ReportApi,
     grpc::{admin::AdminApi, credit::CreditApi},
     pb::{
         admin_service_server::AdminServiceServer, credit_service_server::CreditServiceServer,
-        pricing_service_server::PricingServiceServer,
+        pricing_service_server::PricingServiceServer, report_service_server::ReportServiceServer,
     },
     service::{
         Committer, Engine, Limits, Tenants,
@@ -217,6 +218,7 @@ impl App {
             .add_service(CreditServiceServer::new(credit))
             .add_service(AdminServiceServer::new(admin))
             .add_service(PricingServiceServer::new(pricing))
+            .add_service(ReportServiceServer::new(ReportApi { engine: engine.clone() }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = drain_rx.await;
             });
@@ -253,7 +255,13 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, mut statu
             Serving::Yes => tonic_health::ServingStatus::Serving,
             Serving::No => tonic_health::ServingStatus::NotServing,
         };
-        for name in ["", "creditd.v1.CreditService", "creditd.v1.AdminService", "creditd.v1.PricingService"] {
+        for name in [
+            "",
+            "creditd.v1.CreditService",
+            "creditd.v1.AdminService",
+            "creditd.v1.PricingService",
+            "creditd.v1.ReportService",
+        ] {
             reporter.set_service_status(name, state).await;
         }
         tracing::info!(serving = ?serving, "health");

@@ -6,3 +6,4 @@ pub mod hot;
 pub mod keys;
 pub mod pg;
 pub mod policy;
+pub mod reports;
