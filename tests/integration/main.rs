@@ -11,5 +11,6 @@ mod hot_path;
 mod idempotency;
 mod pricing;
 mod recovery;
+mod reports;
 mod scenarios;
 mod security;
