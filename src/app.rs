@@ -13,11 +13,13 @@ use crate::{
     auth::KeyStore,
     config::{Config, redact_url},
     domain::pricing::BookContent,
+    grpc::reports::ReportApi,
     grpc::{admin::AdminApi, credit::CreditApi},
     grpc::{alerts::AlertApi, pricing::PricingApi},
     pb::{
         admin_service_server::AdminServiceServer, alert_service_server::AlertServiceServer,
         credit_service_server::CreditServiceServer, pricing_service_server::PricingServiceServer,
+        report_service_server::ReportServiceServer,
     },
     service::{
         Committer, Engine, Limits, Tenants,
@@ -219,6 +221,7 @@ impl App {
             .add_service(AdminServiceServer::new(admin))
             .add_service(PricingServiceServer::new(pricing))
             .add_service(AlertServiceServer::new(alerts))
+            .add_service(ReportServiceServer::new(ReportApi { engine: engine.clone() }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = drain_rx.await;
             });
@@ -261,6 +264,7 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, mut statu
             "creditd.v1.AdminService",
             "creditd.v1.PricingService",
             "creditd.v1.AlertService",
+            "creditd.v1.ReportService",
         ] {
             reporter.set_service_status(name, state).await;
         }

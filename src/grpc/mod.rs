@@ -8,4 +8,5 @@ pub mod caller;
 pub mod convert;
 pub mod credit;
 pub mod pricing;
+pub mod reports;
 pub mod status;

@@ -7,3 +7,4 @@ pub mod hot;
 pub mod keys;
 pub mod pg;
 pub mod policy;
+pub mod reports;

@@ -13,6 +13,7 @@ mod hot_path;
 mod idempotency;
 mod pricing;
 mod recovery;
+mod reports;
 mod scenarios;
 mod security;
 mod webhooks;
