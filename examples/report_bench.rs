@@ -209,6 +209,12 @@ async fn main() -> Result<()> {
             page_size: 10_000,
             page_token: String::new(),
         };
+    // A live tenant's "this month so far": the range ends just after the
+    // last event.
+    let last: DateTime<Utc> = sqlx::query_scalar("SELECT max(recorded_at) FROM usage_events WHERE tenant_id = $1")
+        .bind(TENANT)
+        .fetch_one(&pool)
+        .await?;
     let mid_from = start + chrono::Duration::hours(2 * 24 + 12);
     let mid_to = end - chrono::Duration::hours(3 * 24 + 5) - chrono::Duration::minutes(30);
     let cases: Vec<(String, pb::SummarizeUsageRequest)> = vec![
@@ -226,6 +232,10 @@ async fn main() -> Result<()> {
         (
             format!("SummarizeUsage {month}, team-3 subtree, category/model"),
             summary(vec![Dim::Category, Dim::Model], "team-3", start, end),
+        ),
+        (
+            format!("SummarizeUsage {month} so far (ends now), category/tier/model"),
+            summary(vec![Dim::Category, Dim::Tier, Dim::Model], "", start, last + chrono::Duration::microseconds(1)),
         ),
         (
             "SummarizeUsage, mid-day to mid-day (~26 days), category".to_string(),

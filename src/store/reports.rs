@@ -40,17 +40,22 @@ impl Dimension {
     }
 }
 
-/// How a range [from, to) splits into whole local days, read from the
-/// rollup, and the instants before and after them, read from the events.
+/// How a range [from, to) splits into local days. Whole days come from the
+/// rollup (plus their events not yet allocated), the partial first day
+/// from the events. The partial last day [days_to, to) comes from the
+/// rollup too when no allocated event lies in [to, its end) (the usual case
+/// of a range ending now), else from the events.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DaySplit {
-    /// Whole days [first_day, end_day) (empty when equal).
+    /// Whole days [first_day, end_day) (none when equal).
     pub first_day: NaiveDate,
     pub end_day: NaiveDate,
-    /// Local midnight of first_day and of end_day: [from, days_from) and
-    /// [days_to, to) are the edges.
+    /// Local midnight of first_day and of end_day: [from, days_from) is the
+    /// partial first day.
     pub days_from: DateTime<Utc>,
     pub days_to: DateTime<Utc>,
+    /// The partial last day, if any: its date (end_day) and its end.
+    pub tail: Option<(NaiveDate, DateTime<Utc>)>,
 }
 
 /// What to summarize.
@@ -170,12 +175,12 @@ fn push_accounts(q: &mut QueryBuilder<Postgres>, column: &str, accounts: Option<
 }
 
 /// A `UNION ALL` branch of a summary's parts: the shares of the events of
-/// `range` (only the unallocated ones if asked).
+/// `range`, with `condition` (SQL over `e`).
 fn push_event_shares(
     q: &mut QueryBuilder<Postgres>,
     query: &UsageQuery<'_>,
     range: (DateTime<Utc>, DateTime<Utc>),
-    unallocated_only: bool,
+    condition: &str,
 ) {
     q.push(
         " UNION ALL SELECT e.account_id, s.category, s.meter, s.model, s.tier, \
@@ -191,11 +196,20 @@ fn push_event_shares(
     .push(" AND e.recorded_at >= ")
     .push_bind(range.0)
     .push(" AND e.recorded_at < ")
-    .push_bind(range.1);
-    if unallocated_only {
-        q.push(" AND NOT e.allocated");
-    }
+    .push_bind(range.1)
+    .push(condition);
     push_accounts(q, "e.account_id", query.accounts);
+}
+
+/// A branch of a summary's parts: the rollup rows of the tenant (and
+/// accounts); the caller adds the days.
+fn push_rollup(q: &mut QueryBuilder<Postgres>, query: &UsageQuery<'_>) {
+    q.push(
+        "SELECT r.account_id, r.category, r.meter, r.model, r.tier, r.day, r.credits, r.events, r.lines \
+         FROM usage_rollup r WHERE r.tenant_id = ",
+    )
+    .push_bind(query.tenant.to_string());
+    push_accounts(q, "r.account_id", query.accounts);
 }
 
 impl PgStore {
@@ -221,26 +235,27 @@ impl PgStore {
         .await?)
     }
 
-    /// Splits [from, to) into whole local days and edges.
+    /// Splits [from, to) into local days (see [`DaySplit`]).
     pub async fn day_split(&self, zone: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> PgResult<DaySplit> {
-        let (first_day, end_day, days_from, days_to): (NaiveDate, NaiveDate, DateTime<Utc>, DateTime<Utc>) =
-            sqlx::query_as(
-                "SELECT d0, d1, d0::timestamp AT TIME ZONE $1, d1::timestamp AT TIME ZONE $1 FROM ( \
-                   SELECT CASE WHEN (($2 AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1) = $2 \
-                               THEN ($2 AT TIME ZONE $1)::date ELSE ($2 AT TIME ZONE $1)::date + 1 END AS d0, \
-                          ($3 AT TIME ZONE $1)::date AS d1) x",
-            )
-            .bind(zone)
-            .bind(from)
-            .bind(to)
-            .fetch_one(self.pool())
-            .await?;
-        let whole = first_day < end_day && from <= days_from && days_from < days_to && days_to <= to;
-        Ok(if whole {
-            DaySplit { first_day, end_day, days_from, days_to }
+        type Row = (NaiveDate, NaiveDate, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>);
+        let (first_day, end_day, days_from, days_to, tail_end): Row = sqlx::query_as(
+            "SELECT d0, d1, d0::timestamp AT TIME ZONE $1, d1::timestamp AT TIME ZONE $1, \
+               (d1 + 1)::timestamp AT TIME ZONE $1 FROM ( \
+               SELECT CASE WHEN (($2 AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1) = $2 \
+                           THEN ($2 AT TIME ZONE $1)::date ELSE ($2 AT TIME ZONE $1)::date + 1 END AS d0, \
+                      ($3 AT TIME ZONE $1)::date AS d1) x",
+        )
+        .bind(zone)
+        .bind(from)
+        .bind(to)
+        .fetch_one(self.pool())
+        .await?;
+        let days = first_day <= end_day && from <= days_from && days_from <= days_to && days_to <= to && to < tail_end;
+        Ok(if days {
+            DaySplit { first_day, end_day, days_from, days_to, tail: (to > days_to).then_some((end_day, tail_end)) }
         } else {
-            // No whole day: everything is read from the events.
-            DaySplit { first_day, end_day: first_day, days_from: to, days_to: to }
+            // Within one day that starts before `from`: the events only.
+            DaySplit { first_day, end_day: first_day, days_from: to, days_to: to, tail: None }
         })
     }
 
@@ -272,25 +287,47 @@ impl PgStore {
 
     /// Usage grouped by `dims`, ordered by key, at most `limit` groups. One
     /// statement, so one snapshot: rollup rows for the whole days, events
-    /// for the edges and for the whole days' events not yet allocated
-    /// (which the rollup does not hold yet).
+    /// for the partial days and for the whole days' events not yet
+    /// allocated (which the rollup does not hold yet).
     pub async fn summarize_usage(&self, query: &UsageQuery<'_>) -> PgResult<Vec<UsageGroup>> {
         let keys: Vec<&str> = query.dims.iter().map(|d| d.sql()).collect();
         let split = &query.split;
-        let mut q = QueryBuilder::<Postgres>::new(
-            "WITH parts (account_id, category, meter, model, tier, day, credits, events, lines) AS ( \
-             SELECT r.account_id, r.category, r.meter, r.model, r.tier, r.day, r.credits, r.events, r.lines \
-             FROM usage_rollup r WHERE r.tenant_id = ",
-        );
-        q.push_bind(query.tenant.to_string())
-            .push(" AND r.day >= ")
-            .push_bind(split.first_day)
-            .push(" AND r.day < ")
-            .push_bind(split.end_day);
-        push_accounts(&mut q, "r.account_id", query.accounts);
-        push_event_shares(&mut q, query, (query.from, split.days_from), false);
-        push_event_shares(&mut q, query, (split.days_from, split.days_to), true);
-        push_event_shares(&mut q, query, (split.days_to, query.to), false);
+        let mut q = QueryBuilder::<Postgres>::new("WITH tail (clean) AS (SELECT ");
+        // Whether the partial last day may come from the rollup: no
+        // allocated event of it lies after `to`.
+        match split.tail {
+            Some((_, tail_end)) => {
+                q.push("NOT EXISTS (SELECT 1 FROM usage_events e WHERE e.tenant_id = ")
+                    .push_bind(query.tenant.to_string())
+                    .push(" AND e.recorded_at >= ")
+                    .push_bind(query.to)
+                    .push(" AND e.recorded_at < ")
+                    .push_bind(tail_end)
+                    .push(" AND e.allocated");
+                push_accounts(&mut q, "e.account_id", query.accounts);
+                q.push(")");
+            }
+            None => {
+                q.push("false");
+            }
+        }
+        q.push("), parts (account_id, category, meter, model, tier, day, credits, events, lines) AS (");
+        push_rollup(&mut q, query);
+        q.push(" AND r.day >= ").push_bind(split.first_day).push(" AND r.day < ").push_bind(split.end_day);
+        push_event_shares(&mut q, query, (query.from, split.days_from), "");
+        push_event_shares(&mut q, query, (split.days_from, split.days_to), " AND NOT e.allocated");
+        if let Some((tail_day, _)) = split.tail {
+            q.push(" UNION ALL ");
+            push_rollup(&mut q, query);
+            q.push(" AND r.day = ").push_bind(tail_day).push(" AND (SELECT clean FROM tail)");
+            push_event_shares(
+                &mut q,
+                query,
+                (split.days_to, query.to),
+                " AND NOT e.allocated AND (SELECT clean FROM tail)",
+            );
+            push_event_shares(&mut q, query, (split.days_to, query.to), " AND NOT (SELECT clean FROM tail)");
+        }
         q.push(") SELECT ");
         for key in &keys {
             q.push(format!("{key}, "));

@@ -427,6 +427,24 @@ async fn totals_equal_line_items_events_and_ledger_usage_rows() {
             dec(&e.amount);
     }
     assert_eq!(days, expected_days.into_iter().map(|(d, c)| (d, text(c))).collect());
+    // This month so far: whole days, and today from the rollup (nothing
+    // allocated after now); a range ending between two events reads the
+    // rest of its last day from the events instead.
+    let so_far = summarize(&app, pb::SummarizeUsageRequest::default()).await;
+    assert_eq!((so_far.total.as_str(), so_far.events), (after.total.as_str(), after.events));
+    let mut times: Vec<DateTime<Utc>> = events.iter().map(|e| from_ts(e.recorded_at.as_ref().unwrap())).collect();
+    times.sort();
+    let cut = times[times.len() / 2];
+    let before_cut: Decimal =
+        events.iter().filter(|e| from_ts(e.recorded_at.as_ref().unwrap()) < cut).map(|e| dec(&e.amount)).sum();
+    let month_start = from_ts(so_far.from.as_ref().unwrap());
+    let to_cut = summarize(
+        &app,
+        pb::SummarizeUsageRequest { from: Some(ts(month_start)), to: Some(ts(cut)), ..Default::default() },
+    )
+    .await;
+    assert_eq!(to_cut.total, text(before_cut));
+    assert_eq!(to_cut.events, events.iter().filter(|e| from_ts(e.recorded_at.as_ref().unwrap()) < cut).count() as i64);
     let empty = summarize(
         &app,
         pb::SummarizeUsageRequest {
