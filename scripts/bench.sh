@@ -19,9 +19,9 @@
 #   scripts/bench.sh --seconds 10          longer runs
 #   scripts/bench.sh --scale 1000,100000   smaller growth runs
 #   CREDITD_BENCH_PROFILE=1 scripts/bench.sh
-#        also records a CPU profile (perf) of creditd and of redis-server
-#        during an extra Reserve run at concurrency 64, into
-#        bench/results/profile-*.txt (needs perf: apt-get install linux-perf)
+#        afterwards, also profiles creditd, redis-server and PostgreSQL with
+#        perf during extra Reserve and Reserve+Commit runs at concurrency 64,
+#        into bench/results/profile-*.txt (needs perf: apt-get install linux-perf)
 #   CREDITD_BENCH_OUT=DIR                  write results elsewhere
 set -euo pipefail
 
@@ -42,7 +42,6 @@ ensure_packages
 TMP_DIR=""
 SERVER_PID=""
 CHILD_PID=""
-PERF_PIDS=()
 PG_DIR=""
 REDIS_DIR=""
 
@@ -50,11 +49,6 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
-    local pid
-    for pid in "${PERF_PIDS[@]}"; do
-        kill -INT "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
     if [[ -n "$CHILD_PID" ]] && kill -0 "$CHILD_PID" 2>/dev/null; then
         kill -TERM "$CHILD_PID" 2>/dev/null
         wait "$CHILD_PID" 2>/dev/null
@@ -144,24 +138,28 @@ mkdir -p "$OUT_DIR"
 run "$BIN/creditd-bench" "${COMMON[@]}" --out "$OUT_DIR" --label "$LABEL" "$@"
 
 if [[ "$PROFILE" == 1 ]]; then
-    step "profile: Reserve at concurrency 64 under perf"
+    step "profile: Reserve and Reserve+Commit at concurrency 64 under perf"
     if command -v perf >/dev/null 2>&1 && perf record -o /dev/null -- true >/dev/null 2>&1; then
-        perf record -F 999 -g -p "$SERVER_PID" -o "$TMP_DIR/creditd.perf" -- sleep 9 >/dev/null 2>&1 &
-        PERF_PIDS+=($!)
-        perf record -F 999 -g -p "$REDIS_PID" -o "$TMP_DIR/redis.perf" -- sleep 9 >/dev/null 2>&1 &
-        PERF_PIDS+=($!)
-        run "$BIN/creditd-bench" "${COMMON[@]}" --only reserve_spread --concurrency 64 --seconds 10 --warmup 0 \
-            >"$TMP_DIR/profile-run.json"
-        for pid in "${PERF_PIDS[@]}"; do wait "$pid" || true; done
-        PERF_PIDS=()
-        for what in creditd redis; do
+        run "$BIN/creditd-bench" "${COMMON[@]}" --only reserve_spread,reserve_commit --concurrency 64 --seconds 8 \
+            --perf "$TMP_DIR/perf" >"$TMP_DIR/profile-run.json"
+        for f in "$TMP_DIR"/perf/*.perf; do
+            name="$(basename "$f" .perf)"
             {
-                echo "# perf report --no-children (self time), $what during Reserve c=64"
-                perf report -i "$TMP_DIR/$what.perf" --no-children --stdio --percent-limit 0.7 -g none \
-                    --sort dso,symbol 2>/dev/null | grep -v '^$' | head -n 80
-            } >"$OUT_DIR/profile-$what.txt"
+                echo "# perf profile: $name (figures of this run are not benchmark results: perf slows it)"
+                if [[ "$name" != *postgres && -x "$(command -v python3)" ]]; then
+                    perf script -i "$f" -F comm,ip,sym 2>/dev/null | python3 "$REPO_ROOT/scripts/lib/perf_summary.py"
+                fi
+                echo
+                echo "## perf report --no-children (self time)"
+                perf report -i "$f" --no-children --stdio --percent-limit 0.8 -g none --sort symbol 2>/dev/null |
+                    grep -v '^#' | grep -v '^$' | sed 's/  */ /g' | cut -c1-160 | head -n 40
+                echo
+                echo "## perf report --children (inclusive)"
+                perf report -i "$f" --children --stdio --percent-limit 4 -g none --sort symbol 2>/dev/null |
+                    grep -v '^#' | grep -v '^$' | grep -v ' 0x0000' | sed 's/  */ /g' | cut -c1-160 | head -n 60
+            } >"$OUT_DIR/profile-$name.txt"
         done
-        echo "wrote $OUT_DIR/profile-creditd.txt and profile-redis.txt"
+        echo "wrote $OUT_DIR/profile-*.txt"
     else
         echo "perf is unavailable (apt-get install linux-perf) or not permitted here: no profile" >&2
     fi

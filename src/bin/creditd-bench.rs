@@ -119,6 +119,10 @@ struct Args {
     /// profiling one of them.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Record a CPU profile (`perf record`, DWARF call graphs) of creditd
+    /// and of redis-server during each measured run, into this directory.
+    #[arg(long)]
+    perf: Option<PathBuf>,
     /// Skip the memory and size measurements.
     #[arg(long)]
     no_footprint: bool,
@@ -201,6 +205,18 @@ fn proc_stat(pid: u32) -> Option<(u64, u64, u64, u64, u32)> {
 /// CPU ticks of one process (its threads).
 fn cpu_of(pid: u32) -> Option<u64> {
     proc_stat(pid).map(|(u, s, _, _, _)| u + s)
+}
+
+/// A postmaster and its children.
+fn postgres_pids(parent: u32) -> Vec<String> {
+    let mut pids = vec![parent.to_string()];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if proc_stat(pid).is_some_and(|(_, _, _, _, ppid)| ppid == parent) {
+            pids.push(pid.to_string());
+        }
+    }
+    pids
 }
 
 /// CPU ticks of a postmaster and its children (exited children count
@@ -803,6 +819,62 @@ where
 // ---------------------------------------------------------------------------
 // Redis and PostgreSQL figures
 
+/// Redis memory: all of it (INFO used_memory), the data (MEMORY STATS
+/// dataset.bytes) and the key tables of db 0 (their buckets and entries;
+/// Redis doubles a table as it grows, so a delta may include a resize).
+#[derive(Clone, Copy, Debug, Default)]
+struct RedisMem {
+    used: i64,
+    dataset: i64,
+    tables: i64,
+}
+
+impl RedisMem {
+    /// Bytes per unit between two readings, as JSON.
+    fn per(self, later: RedisMem, n: u64) -> Value {
+        let n = n.max(1) as f64;
+        json!({
+            "used_memory": ((later.used - self.used) as f64 / n).round(),
+            "dataset": ((later.dataset - self.dataset) as f64 / n).round(),
+            "key_tables": ((later.tables - self.tables) as f64 / n).round(),
+        })
+    }
+}
+
+fn stat_pairs(v: &redis::Value, out: &mut Vec<(String, i64)>) {
+    let items = match v {
+        redis::Value::Array(items) => items.clone(),
+        redis::Value::Map(pairs) => pairs.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
+        _ => return,
+    };
+    for pair in items.chunks(2) {
+        let [k, v] = pair else { continue };
+        let key = match k {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).to_string(),
+            redis::Value::SimpleString(s) => s.clone(),
+            _ => continue,
+        };
+        match v {
+            redis::Value::Int(i) => out.push((key, *i)),
+            redis::Value::Array(_) | redis::Value::Map(_) => stat_pairs(v, out),
+            _ => {}
+        }
+    }
+}
+
+async fn redis_memory(conn: &mut redis::aio::MultiplexedConnection) -> AnyResult<RedisMem> {
+    let used = redis_used_memory(conn).await?;
+    let stats: redis::Value = redis::cmd("MEMORY").arg("STATS").query_async(conn).await?;
+    let mut pairs = Vec::new();
+    stat_pairs(&stats, &mut pairs);
+    let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+    Ok(RedisMem {
+        used,
+        dataset: get("dataset.bytes"),
+        tables: get("overhead.hashtable.main") + get("overhead.hashtable.expires"),
+    })
+}
+
 async fn redis_used_memory(conn: &mut redis::aio::MultiplexedConnection) -> AnyResult<i64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
     for line in info.lines() {
@@ -978,6 +1050,34 @@ impl Ctx {
         self.args.only.is_empty() || self.args.only.iter().any(|o| o == name)
     }
 
+    /// `perf record` of creditd and redis-server for one run's duration.
+    fn start_perf(&self, kind: Kind, concurrency: usize) -> AnyResult<Vec<std::process::Child>> {
+        let Some(dir) = &self.args.perf else { return Ok(Vec::new()) };
+        std::fs::create_dir_all(dir)?;
+        let mut children = Vec::new();
+        let pids = [
+            ("creditd", Some(self.cpu.server.to_string())),
+            ("redis", self.cpu.redis.map(|p| p.to_string())),
+            // The postmaster and its backends (frame-pointer call graphs).
+            ("postgres", self.cpu.postgres.map(|p| postgres_pids(p).join(","))),
+        ];
+        for (what, pids) in pids {
+            let Some(pids) = pids else { continue };
+            let out = dir.join(format!("{}-c{concurrency}-{what}.perf", kind.name()));
+            let graph = if what == "postgres" { "fp" } else { "dwarf,16384" };
+            let child = std::process::Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", graph, "-p", &pids, "-o"])
+                .arg(&out)
+                .args(["--", "sleep", &format!("{}", self.args.seconds)])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("perf: {e}"))?;
+            children.push(child);
+        }
+        Ok(children)
+    }
+
     /// Warm-up, then one measured run of `kind` over `fx`.
     async fn measure(&self, kind: Kind, fx: Arc<Fixture>, concurrency: usize, tag: &str) -> AnyResult<Value> {
         let conns = concurrency.min(self.args.connections).max(1);
@@ -997,9 +1097,13 @@ impl Ctx {
                 log(format!("warm-up of {} c={concurrency}: {} errors ({:?})", kind.name(), w.errors, w.first_error));
             }
         }
+        let perf = self.start_perf(kind, concurrency)?;
         let before = self.cpu.snap();
         let load = closed_loop(op("m"), concurrency, self.args.seconds, self.args.max_ops).await;
         let after = self.cpu.snap();
+        for mut child in perf {
+            tokio::task::spawn_blocking(move || child.wait()).await??;
+        }
         let secs = load.elapsed.as_secs_f64();
         let rps = load.ops as f64 / secs;
         let mut v = json!({
@@ -1294,14 +1398,14 @@ async fn measure_footprint(
         })
     };
     settle().await;
-    let m0 = redis_used_memory(redis_conn).await?;
+    let m0 = redis_memory(redis_conn).await?;
     let k0 = redis_keys(redis_conn).await?;
     let holds = closed_loop(op(Kind::ReserveSpread, "fh"), 64, 120.0, args.hold_sample).await;
     settle().await;
-    let m1 = redis_used_memory(redis_conn).await?;
+    let m1 = redis_memory(redis_conn).await?;
     let k1 = redis_keys(redis_conn).await?;
-    let per_hold = (m1 - m0) as f64 / holds.ops.max(1) as f64;
-    log(format!("{} holds: {:.0} B each (all-in), {} keys", holds.ops, per_hold, k1 - k0));
+    let per_hold = m0.per(m1, holds.ops);
+    log(format!("{} holds: {per_hold} B each, {} keys", holds.ops, k1 - k0));
 
     // One probe hold with known keys, for the breakdown by key.
     let probe = &ctx.fx.users[0];
@@ -1330,13 +1434,13 @@ async fn measure_footprint(
     wait_allocated(pg, Duration::from_secs(60)).await?;
     settle().await;
     let s0 = pg_sizes(pg).await?;
-    let r0 = redis_used_memory(redis_conn).await?;
+    let r0 = redis_memory(redis_conn).await?;
     let rk0 = redis_keys(redis_conn).await?;
     let pairs = closed_loop(op(Kind::ReserveCommit, "fe"), 64, 120.0, args.event_sample).await;
     let allocated = wait_allocated(pg, Duration::from_secs(60)).await?;
     settle().await;
     let s1 = pg_sizes(pg).await?;
-    let r1 = redis_used_memory(redis_conn).await?;
+    let r1 = redis_memory(redis_conn).await?;
     let rk1 = redis_keys(redis_conn).await?;
     credit
         .commit(with_key(
@@ -1350,13 +1454,23 @@ async fn measure_footprint(
         ))
         .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Average stored row (tuple) of the newest rows, beside the size deltas
+    // (which move by whole pages and with vacuum's reuse of dead rows).
+    let (event_tuple, ledger_tuple): (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT (SELECT avg(pg_column_size(e.*))::float8 FROM \
+                   (SELECT * FROM usage_events ORDER BY recorded_at DESC LIMIT 1000) e), \
+                (SELECT avg(pg_column_size(l.*))::float8 FROM \
+                   (SELECT * FROM ledger ORDER BY entry_id DESC LIMIT 1000) l)",
+    )
+    .fetch_one(pg)
+    .await?;
     let tombstone_bytes = redis_memory_usage(redis_conn, &keys.hold(&rid)).await;
     let commit_idem_bytes = redis_memory_usage(redis_conn, &keys.idempotency('c', &probe_c)).await;
     let n = pairs.ops.max(1) as f64;
     let fp = json!({
         "active_holds": holds.ops,
         "hold_errors": holds.errors,
-        "redis_bytes_per_active_hold": per_hold.round(),
+        "redis_bytes_per_active_hold": per_hold,
         "redis_keys_per_active_hold": round2((k1 - k0) as f64 / holds.ops.max(1) as f64),
         "redis_sample_hold_hash_bytes": hold_bytes,
         "redis_sample_reserve_idempotency_bytes": idem_bytes,
@@ -1364,7 +1478,7 @@ async fn measure_footprint(
         "committed_pairs": pairs.ops,
         "commit_errors": pairs.errors,
         "allocated": allocated,
-        "redis_bytes_per_committed_pair": ((r1 - r0) as f64 / n).round(),
+        "redis_bytes_per_committed_pair": r0.per(r1, pairs.ops),
         "redis_keys_per_committed_pair": round2((rk1 - rk0) as f64 / n),
         "redis_sample_tombstone_bytes": tombstone_bytes,
         "redis_sample_commit_idempotency_bytes": commit_idem_bytes,
@@ -1373,6 +1487,8 @@ async fn measure_footprint(
         "pg_usage_events_bytes_per_commit": ((s1.events_bytes - s0.events_bytes) as f64 / n).round(),
         "pg_ledger_bytes_per_commit": ((s1.ledger_bytes - s0.ledger_bytes) as f64 / n).round(),
         "pg_wal_bytes_per_commit": ((s1.wal - s0.wal) as f64 / n).round(),
+        "pg_usage_event_tuple_bytes": event_tuple.map(f64::round),
+        "pg_ledger_tuple_bytes": ledger_tuple.map(f64::round),
     });
     log(format!("footprint: {fp}"));
     Ok(fp)
@@ -1395,7 +1511,8 @@ async fn measure_growth(
             log(format!("time budget spent: skipping growth to {n} accounts"));
             break;
         }
-        let m0 = redis_used_memory(redis_conn).await?;
+        settle().await;
+        let m0 = redis_memory(redis_conn).await?;
         let a0: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('accounts')").fetch_one(pg).await?;
         let (how, took) = if n <= args.scale_api_max {
             let (client, key) = (admin.client.clone(), scale_admin.clone());
@@ -1410,7 +1527,8 @@ async fn measure_growth(
             ("direct", seed_direct(pg, &args.redis_url, &args.redis_prefix, &tenant, have, n).await?)
         };
         let added = n.saturating_sub(have);
-        let m1 = redis_used_memory(redis_conn).await?;
+        settle().await;
+        let m1 = redis_memory(redis_conn).await?;
         let a1: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('accounts')").fetch_one(pg).await?;
         log(format!("growth: {added} accounts added ({how}) in {:.1} s; now {n}", took.as_secs_f64()));
         have = n.max(have);
@@ -1433,7 +1551,7 @@ async fn measure_growth(
         v["seeded_via"] = json!(how);
         v["seed_seconds"] = json!(round2(took.as_secs_f64()));
         v["accounts_added"] = json!(added);
-        v["redis_bytes_per_account"] = json!(if added > 0 { ((m1 - m0) as f64 / added as f64).round() } else { 0.0 });
+        v["redis_bytes_per_account"] = if added > 0 { m0.per(m1, added as u64) } else { Value::Null };
         v["pg_accounts_bytes_per_account"] =
             json!(if added > 0 { ((a1 - a0) as f64 / added as f64).round() } else { 0.0 });
         out.push(v);
@@ -1495,6 +1613,14 @@ fn num(v: &Value, digits: usize) -> String {
         Some(x) => format!("{x:.digits$}"),
         None => "–".into(),
     }
+}
+
+/// Redis bytes per unit: data + key tables (the INFO used_memory delta).
+fn mem_cell(v: &Value) -> String {
+    if v.is_null() {
+        return "–".into();
+    }
+    format!("{} + {} ({})", num(&v["dataset"], 0), num(&v["key_tables"], 0), num(&v["used_memory"], 0))
 }
 
 fn markdown(r: &Value) -> String {
@@ -1577,7 +1703,7 @@ fn markdown(r: &Value) -> String {
     if let Some(growth) = r["growth"].as_array().filter(|g| !g.is_empty()) {
         s.push_str("\n## How cost grows with the number of accounts\n\n");
         s.push_str("Reserve spread uniformly over all users of one tenant (one pool).\n\n");
-        s.push_str("| accounts | seeded | conc. | Reserve/s | p50 ms | p99 ms | creditd CPU µs/op | Redis µs/op | Redis B/account | PostgreSQL B/account | other load (cores) |\n");
+        s.push_str("| accounts | seeded | conc. | Reserve/s | p50 ms | p99 ms | creditd CPU µs/op | Redis µs/op | Redis B/account: data + key tables (used_memory) | PostgreSQL B/account | other load (cores) |\n");
         s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for g in growth {
             s.push_str(&format!(
@@ -1592,7 +1718,7 @@ fn markdown(r: &Value) -> String {
                 num(&g["latency_ms"]["p99"], 3),
                 num(&g["cpu_us_per_op"]["creditd"], 1),
                 num(&g["cpu_us_per_op"]["redis"], 1),
-                num(&g["redis_bytes_per_account"], 0),
+                mem_cell(&g["redis_bytes_per_account"]),
                 num(&g["pg_accounts_bytes_per_account"], 0),
                 num(&g["other_load_cores"], 2),
             ));
@@ -1602,16 +1728,13 @@ fn markdown(r: &Value) -> String {
     if fp.get("active_holds").is_some() {
         s.push_str("\n## Footprint\n\n| what | value |\n|---|---:|\n");
         let rows = [
-            (
-                "Redis bytes per active hold (hold + holds zset entry + idempotency record)",
-                "redis_bytes_per_active_hold",
-            ),
+            ("Redis bytes per active hold: data + key tables (used_memory)", "redis_bytes_per_active_hold"),
             ("Redis keys per active hold", "redis_keys_per_active_hold"),
             ("sample hold hash (MEMORY USAGE)", "redis_sample_hold_hash_bytes"),
             ("sample Reserve idempotency record (MEMORY USAGE)", "redis_sample_reserve_idempotency_bytes"),
             ("sample user account hash (MEMORY USAGE)", "redis_sample_user_account_bytes"),
             (
-                "Redis bytes kept per committed pair (24 h: tombstone, two idempotency records)",
+                "Redis bytes kept 24 h per committed pair (tombstone, two idempotency records)",
                 "redis_bytes_per_committed_pair",
             ),
             ("Redis keys kept per committed pair", "redis_keys_per_committed_pair"),
@@ -1622,15 +1745,22 @@ fn markdown(r: &Value) -> String {
             ("PostgreSQL usage_events bytes per commit (table + indexes)", "pg_usage_events_bytes_per_commit"),
             ("PostgreSQL ledger bytes per commit (table + indexes)", "pg_ledger_bytes_per_commit"),
             ("PostgreSQL WAL bytes per commit", "pg_wal_bytes_per_commit"),
+            ("PostgreSQL usage_events row, stored (average tuple)", "pg_usage_event_tuple_bytes"),
+            ("PostgreSQL ledger row, stored (average tuple)", "pg_ledger_tuple_bytes"),
         ];
         for (label, key) in rows {
-            s.push_str(&format!(
-                "| {label} | {} |\n",
+            let cell = if fp[key].is_object() {
+                mem_cell(&fp[key])
+            } else {
                 num(&fp[key], if key.contains("rows") || key.contains("keys") { 2 } else { 0 })
-            ));
+            };
+            s.push_str(&format!("| {label} | {cell} |\n"));
         }
         s.push_str(&format!(
-            "\nMeasured over {} holds and {} committed pairs (INFO memory and pg_total_relation_size deltas).\n",
+            "\nMeasured over {} holds and {} committed pairs. Redis bytes read \"data + key tables (used_memory)\": \
+             MEMORY STATS dataset.bytes and the db's key-table overhead, then the INFO used_memory delta, which \
+             also holds any key-table resize (Redis doubles a table as it grows). PostgreSQL: \
+             pg_total_relation_size and WAL position deltas, after the ledger job allocated every event.\n",
             fp["active_holds"], fp["committed_pairs"]
         ));
     }
