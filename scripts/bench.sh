@@ -147,16 +147,16 @@ if [[ "$PROFILE" == 1 ]]; then
             {
                 echo "# perf profile: $name (figures of this run are not benchmark results: perf slows it)"
                 if [[ "$name" != *postgres && -x "$(command -v python3)" ]]; then
-                    perf script -i "$f" -F comm,ip,sym 2>/dev/null | python3 "$REPO_ROOT/scripts/lib/perf_summary.py"
+                    perf script -i "$f" -F comm,ip,sym 2>/dev/null | python3 "$REPO_ROOT/scripts/lib/perf_summary.py" || true
                 fi
                 echo
                 echo "## perf report --no-children (self time)"
                 perf report -i "$f" --no-children --stdio --percent-limit 0.8 -g none --sort symbol 2>/dev/null |
-                    grep -v '^#' | grep -v '^$' | sed 's/  */ /g' | cut -c1-160 | head -n 40
+                    grep -v '^#' | grep -v '^$' | sed 's/  */ /g' | cut -c1-160 | head -n 40 || true
                 echo
                 echo "## perf report --children (inclusive)"
                 perf report -i "$f" --children --stdio --percent-limit 4 -g none --sort symbol 2>/dev/null |
-                    grep -v '^#' | grep -v '^$' | grep -v ' 0x0000' | sed 's/  */ /g' | cut -c1-160 | head -n 60
+                    grep -v '^#' | grep -v '^$' | grep -v ' 0x0000' | sed 's/  */ /g' | cut -c1-160 | head -n 60 || true
             } >"$OUT_DIR/profile-$name.txt"
         done
         echo "wrote $OUT_DIR/profile-*.txt"

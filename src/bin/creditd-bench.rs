@@ -332,7 +332,13 @@ struct Load {
     lat: Vec<u64>,
     /// Pairs: the latency of each of the two calls, sorted.
     parts: Option<[Vec<u64>; 2]>,
+    /// The slowest operations: (start, seconds into the run; latency, ns).
+    slowest: Vec<(f64, u64)>,
 }
+
+/// Operations slower than this are kept with their start time, to tell
+/// periodic stalls from scattered ones.
+const SLOW_NS: u64 = 20_000_000;
 
 /// Runs `op` with `concurrency` workers until `seconds` pass or `max_ops`
 /// operations started.
@@ -350,6 +356,7 @@ async fn closed_loop(op: Arc<dyn Op>, concurrency: usize, seconds: f64, max_ops:
             let mut lat = Vec::with_capacity(4096);
             let mut parts: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
             let mut errors = 0u64;
+            let mut slow: Vec<(f64, u64)> = Vec::new();
             loop {
                 if Instant::now() >= deadline {
                     break;
@@ -361,6 +368,9 @@ async fn closed_loop(op: Arc<dyn Op>, concurrency: usize, seconds: f64, max_ops:
                 let t = Instant::now();
                 let r = op.call(w, seq).await;
                 let ns = t.elapsed().as_nanos() as u64;
+                if ns >= SLOW_NS {
+                    slow.push(((t - t0).as_secs_f64(), ns));
+                }
                 match r {
                     Ok(p) => {
                         lat.push(ns);
@@ -378,14 +388,16 @@ async fn closed_loop(op: Arc<dyn Op>, concurrency: usize, seconds: f64, max_ops:
                     }
                 }
             }
-            (lat, parts, errors)
+            (lat, parts, errors, slow)
         }));
     }
     let mut lat = Vec::new();
     let mut parts: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut errors = 0;
+    let mut slowest = Vec::new();
     for h in handles {
-        let (l, p, e) = h.await.expect("bench worker");
+        let (l, p, e, slow) = h.await.expect("bench worker");
+        slowest.extend(slow);
         lat.extend(l);
         let [a, b] = p;
         parts[0].extend(a);
@@ -398,7 +410,18 @@ async fn closed_loop(op: Arc<dyn Op>, concurrency: usize, seconds: f64, max_ops:
     parts[1].sort_unstable();
     let has_parts = !parts[0].is_empty();
     let first_error = first_error.lock().unwrap().take();
-    Load { ops: lat.len() as u64, errors, first_error, elapsed, lat, parts: if has_parts { Some(parts) } else { None } }
+    slowest.sort_by(|a, b| b.1.cmp(&a.1));
+    slowest.truncate(12);
+    slowest.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Load {
+        slowest,
+        ops: lat.len() as u64,
+        errors,
+        first_error,
+        elapsed,
+        lat,
+        parts: if has_parts { Some(parts) } else { None },
+    }
 }
 
 /// Nearest-rank percentile of sorted samples, in ms.
@@ -1129,6 +1152,9 @@ impl Ctx {
             "latency_ms": latency_json(&load.lat),
             "cpu_us_per_op": self.cpu.per_op(before, after, load.ops),
             "other_load_cores": self.cpu.others(before, after, secs),
+            "slowest_ops": load.slowest.iter().map(|(at, ns)| json!({
+                "at_s": round3(*at), "ms": round3(*ns as f64 / 1e6)
+            })).collect::<Vec<_>>(),
         });
         if let Some([r, c]) = &load.parts {
             v["reserve_latency_ms"] = latency_json(r);
