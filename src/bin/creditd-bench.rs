@@ -410,7 +410,7 @@ async fn closed_loop(op: Arc<dyn Op>, concurrency: usize, seconds: f64, max_ops:
     parts[1].sort_unstable();
     let has_parts = !parts[0].is_empty();
     let first_error = first_error.lock().unwrap().take();
-    slowest.sort_by(|a, b| b.1.cmp(&a.1));
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.1));
     slowest.truncate(12);
     slowest.sort_by(|a, b| a.0.total_cmp(&b.0));
     Load {
@@ -1371,11 +1371,13 @@ async fn run(args: Args) -> AnyResult<()> {
     // --- growth: Reserve over 1k, 100k, 1M accounts ------------------------
     let mut growth = Vec::new();
     let scale: Vec<usize> = args.scale.iter().copied().filter(|n| *n > 0).collect();
-    if !scale.is_empty() && ctx.wants("growth") && !ctx.over_budget() {
-        if let Err(e) = measure_growth(&ctx, &admin, &pg, &mut redis_conn, &scale, &mut growth).await {
-            log(format!("growth failed: {e}"));
-            growth.push(json!({ "error": e.to_string() }));
-        }
+    if !scale.is_empty()
+        && ctx.wants("growth")
+        && !ctx.over_budget()
+        && let Err(e) = measure_growth(&ctx, &admin, &pg, &mut redis_conn, &scale, &mut growth).await
+    {
+        log(format!("growth failed: {e}"));
+        growth.push(json!({ "error": e.to_string() }));
     }
 
     let total = started.elapsed().as_secs_f64();
