@@ -1229,6 +1229,7 @@ async fn run(args: Args) -> AnyResult<()> {
     let mut redis_conn = redis::Client::open(args.redis_url.as_str())?.get_multiplexed_async_connection().await?;
     let hot_store = HotStore::connect(
         &args.redis_url,
+        false,
         args.redis_prefix.clone(),
         8,
         HotTimings {
