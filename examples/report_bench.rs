@@ -94,8 +94,8 @@ async fn main() -> Result<()> {
         ("server.listen", "127.0.0.1:0"),
         ("postgres.migrate_on_start", "true"),
         ("postgres.max_connections", "8"),
-        ("postgres.statement_timeout", "60s"),
-        ("hot.commit_deadline", "180s"),
+        ("postgres.statement_timeout", "20s"),
+        ("hot.commit_deadline", "60s"),
         ("log.filter", "warn"),
     ]
     .into_iter()
@@ -108,7 +108,8 @@ async fn main() -> Result<()> {
     let app = App::build(config).await?;
     let addr = app.local_addr();
     let engine = app.engine().clone();
-    tokio::time::timeout(Duration::from_secs(120), app.ready()).await.map_err(|_| "creditd is not serving")?;
+    // A tenant Redis lost is rebuilt first (2 × statement_timeout of settling).
+    tokio::time::timeout(Duration::from_secs(300), app.ready()).await.map_err(|_| "creditd is not serving")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.serve(async {
         let _ = stopped.await;

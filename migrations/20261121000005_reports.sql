@@ -1,4 +1,4 @@
--- Reports (ReportService): a daily rollup of usage kept exact by triggers,
+-- Reports (ReportService): daily rollups of usage kept exact by triggers,
 -- and the indexes the report queries page with.
 --
 -- Why a rollup and not partitions: a month of a busy tenant is millions of
@@ -7,11 +7,12 @@
 -- the month, not aggregate it. Partitioning usage_events by month would only
 -- replace the index range scan with a partition scan, at the price of
 -- rewriting a table with two unique constraints that do not contain the
--- partition key. So the summary reads the rollup instead: one row per
+-- partition key. So the summary reads a rollup instead: one row per
 -- (tenant, local day, account, category, meter, model, tier) with the
--- credits, events and line items of that group.
+-- credits, events and line items of that group (usage_rollup), and the same
+-- without the account for tenant-wide summaries (usage_rollup_tenant).
 --
--- What the rollup holds, exactly: the sum over every ALLOCATED usage event
+-- What the rollups hold, exactly: the sum over every ALLOCATED usage event
 -- (allocated = true: the ledger job has spread it over grants). Triggers
 -- keep it so in the same transaction as any change of usage_events: an
 -- event enters when it is inserted allocated or when `allocated` turns true
@@ -54,7 +55,8 @@ $$;
 
 -- The usage category of a meter, for line items whose event has no
 -- `category` label. Part of the schema: changing it means rebuilding the
--- rollup (DELETE FROM usage_rollup, then the backfill below).
+-- rollups (DELETE FROM usage_rollup and usage_rollup_tenant, then the
+-- backfill below).
 CREATE FUNCTION usage_category(meter text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
@@ -121,28 +123,53 @@ CREATE TABLE usage_rollup (
     PRIMARY KEY (tenant_id, day, account_id, category, meter, model, tier)
 );
 
+-- The same without the account: what tenant-wide summaries (no account
+-- filter, no account dimension) read, a few rows per day.
+CREATE TABLE usage_rollup_tenant (
+    tenant_id  text NOT NULL,
+    day        date NOT NULL,
+    category   text NOT NULL,
+    meter      text NOT NULL,
+    model      text NOT NULL,
+    tier       text NOT NULL,
+    credits    numeric(24, 6) NOT NULL,
+    events     bigint NOT NULL,
+    lines      bigint NOT NULL,
+    PRIMARY KEY (tenant_id, day, category, meter, model, tier)
+);
+
 -- The statement that adds (direction 1) or removes (direction -1) the
 -- allocated events of `source` (a relation name or a parenthesized query)
--- to or from the rollup. It aggregates as it reads, so its memory follows
--- the number of groups, not of events. Keys are upserted in key order, so
--- concurrent callers cannot deadlock.
+-- to or from both rollups. It aggregates as it reads, so its memory follows
+-- the number of groups, not of events. Keys are upserted in key order, the
+-- per-account rollup first, so concurrent callers cannot deadlock.
 CREATE FUNCTION usage_rollup_statement(source text, direction integer) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT format($f$
         WITH zones AS MATERIALIZED (
             SELECT t.tenant_id, usage_report_zone(t.tenant_id) AS zone
             FROM (SELECT DISTINCT c.tenant_id FROM %1$s AS c WHERE c.allocated) AS t
+        ), groups AS MATERIALIZED (
+            SELECT e.tenant_id, (e.recorded_at AT TIME ZONE z.zone)::date AS day, e.account_id,
+                   s.category, s.meter, s.model, s.tier,
+                   %2$s * sum(s.credits) AS credits, %2$s * count(*) FILTER (WHERE s.is_primary) AS events,
+                   %2$s * count(*) AS lines
+            FROM %1$s AS e
+            JOIN zones AS z ON z.tenant_id = e.tenant_id
+            CROSS JOIN LATERAL usage_shares(e.line_items, e.labels, e.amount) AS s
+            WHERE e.allocated
+            GROUP BY 1, 2, 3, 4, 5, 6, 7
+        ), by_account AS (
+            INSERT INTO usage_rollup AS r (tenant_id, day, account_id, category, meter, model, tier, credits, events, lines)
+            SELECT * FROM groups ORDER BY 1, 2, 3, 4, 5, 6, 7
+            ON CONFLICT (tenant_id, day, account_id, category, meter, model, tier) DO UPDATE
+                SET credits = r.credits + excluded.credits, events = r.events + excluded.events,
+                    lines = r.lines + excluded.lines
         )
-        INSERT INTO usage_rollup AS r (tenant_id, day, account_id, category, meter, model, tier, credits, events, lines)
-        SELECT e.tenant_id, (e.recorded_at AT TIME ZONE z.zone)::date, e.account_id, s.category, s.meter, s.model, s.tier,
-               %2$s * sum(s.credits), %2$s * count(*) FILTER (WHERE s.is_primary), %2$s * count(*)
-        FROM %1$s AS e
-        JOIN zones AS z ON z.tenant_id = e.tenant_id
-        CROSS JOIN LATERAL usage_shares(e.line_items, e.labels, e.amount) AS s
-        WHERE e.allocated
-        GROUP BY 1, 2, 3, 4, 5, 6, 7
-        ORDER BY 1, 2, 3, 4, 5, 6, 7
-        ON CONFLICT (tenant_id, day, account_id, category, meter, model, tier) DO UPDATE
+        INSERT INTO usage_rollup_tenant AS r (tenant_id, day, category, meter, model, tier, credits, events, lines)
+        SELECT tenant_id, day, category, meter, model, tier, sum(credits), sum(events), sum(lines)
+        FROM groups GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (tenant_id, day, category, meter, model, tier) DO UPDATE
             SET credits = r.credits + excluded.credits, events = r.events + excluded.events,
                 lines = r.lines + excluded.lines
     $f$, source, direction)
@@ -172,7 +199,7 @@ $$;
 CREATE FUNCTION usage_rollup_truncate() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    TRUNCATE usage_rollup;
+    TRUNCATE usage_rollup, usage_rollup_tenant;
     RETURN NULL;
 END
 $$;

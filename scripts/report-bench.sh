@@ -60,7 +60,7 @@ while [[ "$REDISPORT" == "$PGPORT" ]]; do
 done
 stop_postgres "$PG_DIR" fast # a crashed earlier run
 start_postgres "$PG_DIR" "$PGPORT" throwaway
-start_redis "$REDIS_DIR" "$REDISPORT"
+start_redis "$REDIS_DIR" "$REDISPORT" persistent
 
 PSQL="$(pg_bin psql)"
 if [[ "$("$PSQL" -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -tAc \

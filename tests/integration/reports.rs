@@ -474,6 +474,20 @@ async fn totals_equal_line_items_events_and_ledger_usage_rows() {
     .await
     .unwrap();
     assert_eq!(differ, 0, "rollup rows that differ from the events");
+    let differ: i64 = sqlx::query_scalar(
+        "WITH r AS (SELECT day, category, meter, model, tier, credits, events, lines \
+                    FROM usage_rollup_tenant WHERE tenant_id = $1 AND lines <> 0), \
+              a AS (SELECT day, category, meter, model, tier, sum(credits) AS credits, sum(events)::bigint AS events, \
+                           sum(lines)::bigint AS lines \
+                    FROM usage_rollup WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4, 5 HAVING sum(lines) <> 0) \
+         SELECT (SELECT count(*) FROM (SELECT * FROM r EXCEPT SELECT * FROM a) x) \
+              + (SELECT count(*) FROM (SELECT * FROM a EXCEPT SELECT * FROM r) y)",
+    )
+    .bind(TENANT)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(differ, 0, "tenant rollup rows that differ from the account rollup");
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_rollup WHERE tenant_id = $1 AND lines <> 0")
         .bind(TENANT)
         .fetch_one(&pool)
@@ -482,15 +496,20 @@ async fn totals_equal_line_items_events_and_ledger_usage_rows() {
     assert!(rows >= 10, "the rollup holds the allocated usage");
 }
 
+/// Σ credits, events and lines of both rollups (asserted equal).
 async fn rollup_sums(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> (Decimal, i64, i64) {
-    sqlx::query_as(
-        "SELECT COALESCE(sum(credits), 0), COALESCE(sum(events), 0)::bigint, COALESCE(sum(lines), 0)::bigint \
-         FROM usage_rollup WHERE tenant_id = $1",
-    )
-    .bind(TENANT)
-    .fetch_one(&mut **tx)
-    .await
-    .unwrap()
+    let mut sums = Vec::new();
+    for table in ["usage_rollup", "usage_rollup_tenant"] {
+        let sql = format!(
+            "SELECT COALESCE(sum(credits), 0), COALESCE(sum(events), 0)::bigint, COALESCE(sum(lines), 0)::bigint \
+             FROM {table} WHERE tenant_id = $1"
+        );
+        let row: (Decimal, i64, i64) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(TENANT).fetch_one(&mut **tx).await.unwrap();
+        sums.push(row);
+    }
+    assert_eq!(sums[0], sums[1], "the two rollups agree");
+    sums[0]
 }
 
 #[tokio::test]
