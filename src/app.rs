@@ -14,7 +14,7 @@ use crate::{
     config::{Config, redact_url},
     domain::pricing::BookContent,
     grpc::reports::ReportApi,
-    grpc::{admin::AdminApi, credit::CreditApi},
+    grpc::{admin::AdminApi, credit::CreditApi, observe::ObserveLayer},
     grpc::{alerts::AlertApi, pricing::PricingApi},
     pb::{
         admin_service_server::AdminServiceServer, alert_service_server::AlertServiceServer,
@@ -92,6 +92,7 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
 pub struct App {
     config: Config,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     engine: Engine,
     status: watch::Receiver<Serving>,
     stop_jobs: watch::Sender<bool>,
@@ -156,12 +157,18 @@ impl App {
                 "serving plaintext gRPC on a non-loopback address: API keys travel unencrypted; configure [tls]"
             );
         }
+        let metrics_listener = match config.metrics.address() {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+            None => None,
+        };
         let (status_tx, status) = watch::channel(Serving::No);
         let (stop_jobs, stop_rx) = watch::channel(false);
         let timings = JobTimings {
             reap: config.jobs.reap_interval,
             ledger: config.jobs.ledger_interval,
             health: config.jobs.health_interval,
+            reconcile: config.reconcile.interval,
+            repair: config.reconcile.repair,
         };
         let jobs = jobs::spawn(engine.clone(), timings, status_tx, stop_rx);
         tracing::info!(
@@ -169,11 +176,16 @@ impl App {
             redis = %redact_url(&config.redis.url),
             "stores connected"
         );
-        Ok(App { config, listener, engine, status, stop_jobs, jobs })
+        Ok(App { config, listener, metrics_listener, engine, status, stop_jobs, jobs })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The metrics endpoint's address, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn engine(&self) -> &Engine {
@@ -188,7 +200,7 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains for the grace period.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
-        let App { config, listener, engine, status, stop_jobs, jobs } = self;
+        let App { config, listener, metrics_listener, engine, status, stop_jobs, jobs } = self;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         tokio::spawn(report_health(reporter, status));
 
@@ -212,8 +224,12 @@ impl App {
         if let Some(tls) = tls_config(&config)? {
             builder = builder.tls_config(tls)?;
         }
+        if let Some(listener) = metrics_listener {
+            tokio::spawn(crate::metrics::serve(listener, stop_jobs.subscribe()));
+        }
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
         let server = builder
+            .layer(ObserveLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -20,6 +20,8 @@ pub struct Config {
     pub pricing: PricingConfig,
     pub commit: CommitConfig,
     pub jobs: JobsConfig,
+    pub reconcile: ReconcileConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -143,6 +145,32 @@ pub struct JobsConfig {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// How often each tenant is reconciled (by one replica); 0 turns the
+    /// reconciler off.
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Repair confirmed drift (the Redis balance is set to the ledger's);
+    /// false only measures, logs and exports it.
+    pub repair: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`GET /metrics`); empty: none.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The endpoint's address, if one is configured (validated at load).
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// "text" or "json".
     pub format: String,
@@ -211,6 +239,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_string() });
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return invalid("metrics.listen", "must be empty or an address like 0.0.0.0:9090");
+        }
         if self.hot.min_ttl.is_zero() || self.hot.min_ttl > self.hot.max_ttl {
             return invalid("hot.min_ttl", "must be positive and at most hot.max_ttl");
         }

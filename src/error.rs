@@ -7,6 +7,7 @@
 
 use crate::{
     auth::AuthError,
+    metrics::{Store, metrics},
     store::{hot::HotError, pg::PgError},
 };
 
@@ -143,8 +144,14 @@ impl From<PgError> for Error {
                 Reason::IdempotencyKeyReused,
                 "the idempotency key was already used with a different payload".into(),
             ),
-            e if e.is_transient() => Error::Unavailable(Box::new(e)),
-            e => Error::Internal(Box::new(e)),
+            e if e.is_transient() => {
+                metrics().store_error(Store::postgres, true);
+                Error::Unavailable(Box::new(e))
+            }
+            e => {
+                metrics().store_error(Store::postgres, false);
+                Error::Internal(Box::new(e))
+            }
         }
     }
 }
@@ -196,8 +203,16 @@ impl From<HotError> for Error {
             HotError::AccountNotFound => Error::NotFound(Reason::AccountNotFound, "account not found".into()),
             HotError::NoHold => Error::NotFound(Reason::ReservationNotFound, "reservation not found".into()),
             HotError::TooDeep => Error::invalid("account_id", Reason::TreeTooDeep, "is in a tree deeper than allowed"),
-            e if e.is_transient() => Error::Unavailable(Box::new(e)),
-            e => Error::Internal(Box::new(e)),
+            e if e.is_transient() => {
+                if matches!(e, HotError::Redis(_)) {
+                    metrics().store_error(Store::redis, true);
+                }
+                Error::Unavailable(Box::new(e))
+            }
+            e => {
+                metrics().store_error(Store::redis, false);
+                Error::Internal(Box::new(e))
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`auth`]: API keys, roles and the key cache.
 //! - [`config`]: layered configuration (`src/default.toml`).
 //! - [`app`]: assembly, serving and graceful shutdown.
+//! - [`metrics`]: the Prometheus registry and its endpoint.
 //! - [`demo`]: the demo tenant the quickstart seeds.
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod service;
 pub mod store;
 

@@ -319,6 +319,7 @@ pub fn round_up_to_micros(value: Decimal) -> Option<Credits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::money::MAX_AMOUNT;
     use proptest::prelude::*;
 
     fn d(s: &str) -> Decimal {
@@ -393,7 +394,58 @@ mod tests {
         assert_eq!(c.rate(&[]), Err(RateError::Empty));
     }
 
+    fn any_item() -> impl Strategy<Value = UsageItem> {
+        let meter = prop_oneof![Just("input_tokens"), Just("tasks"), Just("web_searches"), Just("bogus")];
+        let model = prop_oneof![Just(""), Just("f1"), Just("a1"), Just("special"), Just("nobody")];
+        // Small to huge quantities with up to 6 decimals: some totals pass
+        // the bound.
+        let raw = prop_oneof![0i64..1_000_000, 0i64..1_000_000_000_000, 0i64..1_000_000_000_000_000_000];
+        (meter, model, raw, 0u32..=6).prop_map(|(m, mo, raw, scale)| UsageItem {
+            meter: m.into(),
+            model: mo.into(),
+            quantity: Decimal::new(raw, scale),
+        })
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn rating_any_usage_is_exact_or_names_the_item(items in proptest::collection::vec(any_item(), 0..8)) {
+            let c = catalog();
+            // Oracle: the first item with no meter or no price, else the
+            // exact sum rounded up once, refused above the bound.
+            let first_bad = items.iter().enumerate().find_map(|(index, i)| {
+                if !c.meters.contains(&i.meter) {
+                    Some(RateError::UnknownMeter { index, meter: i.meter.clone() })
+                } else if c.price_of(&i.meter, &i.model).is_none() {
+                    Some(RateError::NoPrice { index, meter: i.meter.clone(), model: i.model.clone() })
+                } else {
+                    None
+                }
+            });
+            match (c.rate(&items), first_bad) {
+                (Err(RateError::Empty), _) => prop_assert!(items.is_empty()),
+                (Err(e), Some(bad)) => prop_assert_eq!(e, bad),
+                (Err(RateError::TooLarge), None) => {
+                    let exact: Option<Decimal> = items.iter().try_fold(Decimal::ZERO, |sum, i| {
+                        let (price, _) = c.price_of(&i.meter, &i.model)?;
+                        sum.checked_add(i.quantity.checked_mul(price.unit_price)?.checked_div(Decimal::from(price.per_units))?)
+                    });
+                    prop_assert!(exact.is_none_or(|x| x > MAX_AMOUNT.to_decimal()), "refused a total within bounds");
+                }
+                (Ok(r), None) => {
+                    prop_assert!(!items.is_empty());
+                    let exact: Decimal = r.lines.iter().map(|l| l.subtotal).sum();
+                    let total = r.total.to_decimal();
+                    prop_assert!(total >= exact && total - exact < Decimal::new(1, 6));
+                    prop_assert!(r.total >= Credits::ZERO && r.total <= MAX_AMOUNT);
+                    prop_assert_eq!(r.lines.len(), items.len());
+                }
+                (got, bad) => prop_assert!(false, "got {got:?}, expected {bad:?}"),
+            }
+        }
+
         #[test]
         fn rating_is_additive_monotone_and_tightly_rounded(
             a in 0u64..10_000_000_000, b in 0u64..10_000_000_000, extra in 0u64..1_000_000

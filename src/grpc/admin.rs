@@ -508,18 +508,20 @@ impl AdminService for AdminApi {
         request: Request<pb::CheckBalancesRequest>,
     ) -> Result<Response<pb::CheckBalancesResponse>, Status> {
         let tenant = self.tenant(&request).await?;
-        let (checked, drifts) = self.engine.check_balances(&tenant).await?;
+        let measured = self.engine.check_balances(&tenant).await?;
         Ok(Response::new(pb::CheckBalancesResponse {
-            accounts_checked: checked as i64,
-            drifts: drifts
+            accounts_checked: measured.accounts as i64,
+            drifts: measured
+                .drifts
                 .iter()
                 .map(|d| pb::BalanceDrift {
                     account_id: d.account_id.clone(),
                     hot_balance: d.hot.to_string(),
                     ledger_balance: d.ledger.to_string(),
-                    drift: d.hot.checked_sub(d.ledger).unwrap_or_default().to_string(),
+                    drift: d.amount().to_string(),
                 })
                 .collect(),
+            busy_accounts: measured.busy,
         }))
     }
 }

@@ -70,5 +70,6 @@ pub async fn tenant<T>(engine: &Engine, request: &Request<T>, need: Need) -> Res
         Error::PermissionDenied(Reason::WrongRole, "operator keys act on no tenant's accounts".into())
     })?;
     engine.require_tenant(&tenant).await?;
+    super::observe::record("tenant", &tenant);
     Ok(tenant)
 }

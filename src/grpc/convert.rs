@@ -546,3 +546,207 @@ pub fn change(c: &ChangeRow) -> pb::AccountChange {
         decision_note: c.decision_note.clone(),
     }
 }
+
+/// Properties of request conversion over arbitrary input: every request
+/// field either converts to a value that satisfies its documented bounds,
+/// or fails with INVALID_ARGUMENT naming that field with its reason, and
+/// the resulting `Status` says so in `ErrorInfo` and `BadRequest`.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    use super::*;
+    use crate::domain::money::MAX_AMOUNT;
+
+    /// The field and reason of an INVALID_ARGUMENT, checking the Status
+    /// built from it carries the same.
+    fn invalid(e: Error) -> (String, Reason) {
+        let (field, reason) = match &e {
+            Error::InvalidArgument { field, reason, .. } => (field.clone(), *reason),
+            other => panic!("not INVALID_ARGUMENT: {other:?}"),
+        };
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        assert_eq!(details.error_info().expect("ErrorInfo").reason, reason.as_str());
+        let violations = &details.bad_request().expect("BadRequest").field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, field);
+        (field, reason)
+    }
+
+    /// Independent oracle for amounts: a plain decimal, ≤ 6 fractional
+    /// digits, no sign but an optional leading '-', |value| ≤ 10⁹.
+    fn oracle_amount(text: &str, sign: Sign) -> Option<i64> {
+        let (negative, digits) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
+        if (whole.is_empty() && frac.is_empty())
+            || !whole.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+            || frac.len() > 6
+        {
+            return None;
+        }
+        let whole = whole.trim_start_matches('0');
+        if whole.len() > 10 {
+            return None;
+        }
+        let whole: i128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+        let frac: i128 = format!("{frac:0<6}").parse().ok()?;
+        let micros = whole * 1_000_000 + frac;
+        if micros > MAX_AMOUNT.micros() as i128 {
+            return None;
+        }
+        let value = if negative { -micros } else { micros };
+        let allowed = match sign {
+            Sign::Positive => value > 0,
+            Sign::NonNegative => value >= 0 && !negative,
+        };
+        allowed.then_some(value as i64)
+    }
+
+    fn amount_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "-?[0-9]{0,12}(\\.[0-9]{0,8})?",
+            "[0-9.+eE -]{0,12}",
+            any::<String>(),
+            (0i64..=MAX_AMOUNT.micros()).prop_map(|m| Credits::from_micros(m).to_string()),
+        ]
+    }
+
+    fn name_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9_.-]{1,64}",
+            "[a-z0-9_.-]{65,70}",
+            "[A-Za-z {}/]{0,8}",
+            any::<String>(),
+            Just(String::new())
+        ]
+    }
+
+    fn model_text() -> impl Strategy<Value = String> {
+        prop_oneof![Just(String::new()), "[A-Za-z0-9._:/@-]{1,128}", "[A-Za-z0-9 {}]{1,8}", "[a-z]{129,130}"]
+    }
+
+    fn quantity_text() -> impl Strategy<Value = String> {
+        prop_oneof!["[0-9]{1,8}(\\.[0-9]{0,7})?", "-[0-9]{1,3}", "[0-9]{29,31}", "[0-9a-z. ]{0,6}", any::<String>()]
+    }
+
+    fn usage_item() -> impl Strategy<Value = pb::UsageItem> {
+        (name_text(), model_text(), quantity_text()).prop_map(|(meter, model, quantity)| pb::UsageItem {
+            meter,
+            model,
+            quantity,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn amounts_convert_exactly_or_name_the_field(text in amount_text(), positive in any::<bool>()) {
+            let sign = if positive { Sign::Positive } else { Sign::NonNegative };
+            match (amount("amount", &text, sign), oracle_amount(&text, sign)) {
+                (Ok(c), Some(expected)) => prop_assert_eq!(c.micros(), expected),
+                (Err(e), None) => {
+                    let (field, reason) = invalid(e);
+                    prop_assert_eq!(field, "amount");
+                    prop_assert_eq!(reason, Reason::InvalidAmount);
+                }
+                (got, expected) => prop_assert!(false, "{text:?}: got {got:?}, oracle {expected:?}"),
+            }
+        }
+
+        #[test]
+        fn usage_converts_or_names_the_first_bad_item(items in proptest::collection::vec(usage_item(), 0..70)) {
+            let bound = Decimal::from(1_000_000_000_000i64);
+            let result = usage(&pb::Usage { items: items.clone() }, bound);
+            let first_bad = items.iter().enumerate().find_map(|(i, item)| {
+                if !pricing::valid_name(&item.meter) {
+                    return Some(format!("usage.items[{i}].meter"));
+                }
+                if !item.model.is_empty() && !pricing::valid_model(&item.model) {
+                    return Some(format!("usage.items[{i}].model"));
+                }
+                let q = &item.quantity;
+                let frac = q.split_once('.').map_or(0, |(_, f)| f.len());
+                let syntax = !q.is_empty() && q != "." && q.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                    && q.matches('.').count() <= 1;
+                let within = syntax && frac <= 6 && q.parse::<Decimal>().is_ok_and(|d| d <= bound);
+                (!within).then(|| format!("usage.items[{i}].quantity"))
+            });
+            let expected_field = if items.is_empty() || items.len() > MAX_USAGE_ITEMS {
+                Some("usage.items".to_string())
+            } else {
+                first_bad
+            };
+            match (result, expected_field) {
+                (Ok(converted), None) => {
+                    prop_assert_eq!(converted.len(), items.len());
+                    for (c, i) in converted.iter().zip(&items) {
+                        prop_assert_eq!(&c.meter, &i.meter);
+                        prop_assert_eq!(c.quantity, i.quantity.parse::<Decimal>().unwrap());
+                        prop_assert!(c.quantity >= Decimal::ZERO && c.quantity <= bound);
+                    }
+                }
+                (Err(e), Some(expected)) => {
+                    let (field, reason) = invalid(e);
+                    prop_assert_eq!(field, expected);
+                    prop_assert_eq!(reason, Reason::InvalidUsage);
+                }
+                (got, expected) => prop_assert!(false, "got {got:?}, expected failure at {expected:?}"),
+            }
+        }
+
+        #[test]
+        fn ids_and_keys_convert_or_name_the_field(value in prop_oneof![
+            "[A-Za-z0-9._:@-]{1,128}", "[A-Za-z0-9._:@-]{129,130}", "[ -~]{0,12}", any::<String>()
+        ]) {
+            let id_ok = !value.is_empty() && value.len() <= 128
+                && value.chars().all(|c| c.is_ascii_alphanumeric() || "._:@-".contains(c));
+            match account_id("account_id", &value) {
+                Ok(v) => { prop_assert!(id_ok); prop_assert_eq!(v, value.clone()); }
+                Err(e) => {
+                    prop_assert!(!id_ok);
+                    prop_assert_eq!(invalid(e), ("account_id".to_string(), Reason::InvalidAccountId));
+                }
+            }
+            let key_ok = !value.is_empty() && value.len() <= 128 && value.chars().all(|c| c.is_ascii_graphic());
+            match idempotency_key(&value) {
+                Ok(_) => prop_assert!(key_ok),
+                Err(e) => {
+                    prop_assert!(!key_ok);
+                    prop_assert_eq!(invalid(e), ("idempotency_key".to_string(), Reason::InvalidIdempotencyKey));
+                }
+            }
+            match reservation_id(&value) {
+                Ok(id) => prop_assert_eq!(Uuid::parse_str(&value).unwrap(), id),
+                Err(e) => {
+                    prop_assert!(Uuid::parse_str(&value).is_err());
+                    prop_assert_eq!(invalid(e), ("reservation_id".to_string(), Reason::InvalidReservationId));
+                }
+            }
+        }
+
+        #[test]
+        fn ttl_converts_or_names_the_field(seconds in any::<i64>(), nanos in any::<i32>()) {
+            let valid = seconds >= 0 && (0..1_000_000_000).contains(&nanos);
+            match ttl(Some(prost_types::Duration { seconds, nanos })) {
+                Ok(Some(d)) => {
+                    prop_assert!(valid);
+                    prop_assert_eq!(d, Duration::new(seconds as u64, nanos as u32));
+                }
+                Ok(None) => prop_assert!(false, "a set ttl converted to none"),
+                Err(e) => {
+                    prop_assert!(!valid);
+                    prop_assert_eq!(invalid(e), ("ttl".to_string(), Reason::InvalidTtl));
+                }
+            }
+        }
+    }
+}

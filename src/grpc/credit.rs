@@ -5,14 +5,30 @@ use tonic::{Request, Response, Status};
 use super::{
     caller::{Need, tenant},
     convert::{self, Sign},
+    observe::record,
 };
 use crate::{
+    decision::DenialReason,
+    metrics::{Call, Decision, HoldEnd, metrics},
     pb::{self, credit_service_server::CreditService},
     service::{
         Engine,
         credit::{ChargeInput, CommitInput, ExtendInput, ReleaseInput, ReserveInput},
     },
+    store::hot::ReserveOutcome,
 };
+
+fn count_decision(call: Call, outcome: &ReserveOutcome) {
+    let decision = match outcome {
+        ReserveOutcome::Granted { .. } => Decision::granted,
+        ReserveOutcome::Denied(d) => match d.reason {
+            DenialReason::InsufficientCredits => Decision::insufficient_credits,
+            DenialReason::CapReached => Decision::cap_reached,
+            DenialReason::AccountSuspended => Decision::account_suspended,
+        },
+    };
+    metrics().decision(call, decision);
+}
 
 pub struct CreditApi {
     pub engine: Engine,
@@ -35,6 +51,7 @@ impl CreditService for CreditApi {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
         let subject = convert::account_id("account_id", &r.account_id)?;
+        record("account", &subject);
         let (text, usage) = match &r.cost {
             Some(pb::authorize_request::Cost::Amount(a)) => (Some(a.as_str()), None),
             Some(pb::authorize_request::Cost::Usage(u)) => (None, Some(u)),
@@ -42,6 +59,7 @@ impl CreditService for CreditApi {
         };
         let cost = convert::cost(text, usage, Sign::Positive, "amount", self.max_quantity)?;
         let (decision, rating) = self.engine.authorize(&tenant, &subject, &cost).await?;
+        count_decision(Call::authorize, &decision.outcome);
         Ok(Response::new(convert::authorize_response(&decision, rating.as_ref())))
     }
 
@@ -60,7 +78,12 @@ impl CreditService for CreditApi {
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
             labels: convert::labels(r.labels)?,
         };
+        record("account", &input.subject);
         let (reserved, rating) = self.engine.reserve(&tenant, &input).await?;
+        count_decision(Call::reserve, &reserved.outcome);
+        if let ReserveOutcome::Granted { hold_id, .. } = &reserved.outcome {
+            record("reservation", hold_id);
+        }
         Ok(Response::new(convert::reserve_response(&reserved, rating.as_ref())))
     }
 
@@ -78,7 +101,11 @@ impl CreditService for CreditApi {
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
             labels: convert::labels(r.labels)?,
         };
+        record("reservation", &input.reservation_id.to_string());
         let recorded = self.engine.commit(&tenant, &input).await?;
+        if !recorded.replayed {
+            metrics().hold_ended(HoldEnd::committed, 1);
+        }
         Ok(Response::new(convert::commit_response(&recorded)))
     }
 
@@ -89,7 +116,11 @@ impl CreditService for CreditApi {
             reservation_id: convert::reservation_id(&r.reservation_id)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
         };
+        record("reservation", &input.reservation_id.to_string());
         let released = self.engine.release(&tenant, &input).await?;
+        if !released.replayed {
+            metrics().hold_ended(HoldEnd::released, 1);
+        }
         Ok(Response::new(pb::ReleaseResponse {
             released: released.amount.to_string(),
             available: released.available.to_string(),
@@ -111,6 +142,7 @@ impl CreditService for CreditApi {
             ttl: convert::ttl(r.ttl)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
         };
+        record("reservation", &input.reservation_id.to_string());
         let (extended, rating) = self.engine.extend(&tenant, &input).await?;
         let mut response = convert::extend_response(&extended);
         response.rating = rating.as_ref().map(convert::rating);
@@ -131,6 +163,7 @@ impl CreditService for CreditApi {
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
             labels: convert::labels(r.labels)?,
         };
+        record("account", &input.subject);
         let recorded = self.engine.charge(&tenant, &input).await?;
         Ok(Response::new(convert::commit_response(&recorded)))
     }
@@ -142,6 +175,7 @@ impl CreditService for CreditApi {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
         let subject = convert::account_id("account_id", &r.account_id)?;
+        record("account", &subject);
         let view = self.engine.balance(&tenant, &subject).await?;
         Ok(Response::new(convert::balance_response(&subject, &view)))
     }

@@ -62,7 +62,12 @@ impl Committer {
 async fn write_batch(pg: &PgStore, batch: Vec<(NewEvent, Reply)>) {
     let events: Vec<NewEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
     tracing::trace!(size = events.len(), "group commit");
-    match pg.insert_events(&events).await {
+    let started = std::time::Instant::now();
+    let written = pg.insert_events(&events).await;
+    let m = crate::metrics::metrics();
+    m.commit_batch.observe(events.len() as f64);
+    m.commit_write.observe(started.elapsed().as_secs_f64());
+    match written {
         Ok(results) => {
             for ((_, reply), result) in batch.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));

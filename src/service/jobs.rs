@@ -12,6 +12,8 @@
 //! - keys: re-reads cached API keys (revocations reach every replica).
 //! - health: watches Redis and PostgreSQL, rebuilds a tenant's hot state
 //!   when Redis lost it, and reports SERVING only when all is loaded.
+//! - reconciler: compares hot balances with the ledger, repairs confirmed
+//!   drift (`service/reconcile.rs`); one replica per tenant per interval.
 
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use super::{Engine, admin::hot_settings};
 use crate::{
     domain::Credits,
     error::Result,
+    metrics::{HoldEnd, TenantLabels, metrics},
     store::{
         hot::AccountCounters,
         pg::{Forfeit, Forfeited},
@@ -34,6 +37,10 @@ pub struct JobTimings {
     pub reap: Duration,
     pub ledger: Duration,
     pub health: Duration,
+    /// Reconciler interval per tenant; zero: no reconciler.
+    pub reconcile: Duration,
+    /// Whether the reconciler repairs confirmed drift.
+    pub repair: bool,
 }
 
 /// Serving status, as the health job sees it.
@@ -50,7 +57,7 @@ pub fn spawn(
     status: watch::Sender<Serving>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
-    vec![
+    let mut handles = vec![
         tokio::spawn(every(timings.reap, shutdown.clone(), {
             let engine = engine.clone();
             move || {
@@ -81,8 +88,20 @@ pub fn spawn(
             let shutdown = shutdown.clone();
             async move { keys.refresh_forever(shutdown).await }
         }),
-        tokio::spawn(health_loop(engine, timings.health, status, shutdown)),
-    ]
+        tokio::spawn(health_loop(engine.clone(), timings.health, status, shutdown.clone())),
+    ];
+    if !timings.reconcile.is_zero() {
+        let replica = Uuid::new_v4().to_string();
+        // Every replica looks often; one claims each tenant per interval.
+        let look = (timings.reconcile / 4).max(Duration::from_millis(100));
+        let (interval, repair) = (timings.reconcile, timings.repair);
+        handles.push(tokio::spawn(every(look, shutdown, move || {
+            let engine = engine.clone();
+            let replica = replica.clone();
+            async move { engine.reconcile_pass(&replica, interval, repair).await }
+        })));
+    }
+    handles
 }
 
 async fn every<F, Fut>(period: Duration, mut shutdown: watch::Receiver<bool>, mut job: F)
@@ -138,7 +157,10 @@ impl Engine {
         let pass = self.hot.reap(tenant, 1000).await?;
         if pass.expired > 0 {
             tracing::debug!(tenant, expired = pass.expired, "holds expired");
+            metrics().hold_ended(HoldEnd::expired, pass.expired);
         }
+        let active = self.hot.active_holds(tenant).await?;
+        metrics().holds_active.get_or_create(&TenantLabels { tenant: tenant.to_string() }).set(active as i64);
         if pass.overdue_commits.is_empty() {
             return Ok(());
         }
@@ -151,6 +173,7 @@ impl Engine {
                 self.hot.finalize(tenant, &hold).await?;
             } else if self.hot.revert_overdue(tenant, &hold).await? {
                 tracing::warn!(tenant, hold = %hold, "commit never became durable; its charge was reverted");
+                metrics().hold_ended(HoldEnd::reverted, 1);
             }
         }
         Ok(())
@@ -278,6 +301,7 @@ impl Engine {
         self.pg.mark_applied(&snapshot.unapplied).await?;
         lock.commit().await?;
         tracing::info!(tenant, accounts = accounts.len(), epoch = %epoch, "hot state rebuilt from postgres");
+        metrics().rebuilds.inc();
         Ok(())
     }
 }

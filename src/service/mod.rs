@@ -7,6 +7,7 @@ pub mod credit;
 pub mod jobs;
 pub mod policy;
 pub mod pricing;
+pub mod reconcile;
 pub mod reports;
 pub mod webhooks;
 

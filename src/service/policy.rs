@@ -1,12 +1,9 @@
 //! Credit policies: billing periods and their boundaries, recurring
-//! allowances, adjustments and refunds, account change requests, drift.
+//! allowances, adjustments and refunds, account change requests.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicI64, Ordering},
 };
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -85,13 +82,6 @@ pub struct NewAllowance {
     pub rollover_max: Option<Credits>,
     pub description: String,
     pub idempotency_key: String,
-}
-
-/// Hot balances that disagree with the ledger.
-pub struct Drift {
-    pub account_id: String,
-    pub hot: Credits,
-    pub ledger: Credits,
 }
 
 impl Engine {
@@ -337,24 +327,6 @@ impl Engine {
         })?;
         tracing::info!(tenant, change = %id, approve, account = %decided.account_id, "account change decided");
         Ok(decided)
-    }
-
-    // ---- drift -------------------------------------------------------------
-
-    /// Every account whose hot balance differs from its ledger.
-    pub async fn check_balances(&self, tenant: &str) -> Result<(u64, Vec<Drift>)> {
-        self.pg.allocate(tenant).await?;
-        let snapshot = self.pg.snapshot(tenant).await?;
-        let mut drifts = Vec::new();
-        let ledger: HashMap<&str, Credits> = snapshot.balances.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        for account in &snapshot.accounts {
-            let hot = self.own_balance(tenant, &account.account_id).await?;
-            let expected = ledger.get(account.account_id.as_str()).copied().unwrap_or_default();
-            if hot != expected {
-                drifts.push(Drift { account_id: account.account_id.clone(), hot, ledger: expected });
-            }
-        }
-        Ok((snapshot.accounts.len() as u64, drifts))
     }
 }
 

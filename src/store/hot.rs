@@ -29,6 +29,8 @@ struct Scripts {
     apply: Script,
     account: Script,
     period: Script,
+    reconcile: Script,
+    repair: Script,
 }
 
 impl Scripts {
@@ -45,6 +47,8 @@ impl Scripts {
             apply: with_prelude(include_str!("../lua/apply.lua")),
             account: with_prelude(include_str!("../lua/account.lua")),
             period: with_prelude(include_str!("../lua/period.lua")),
+            reconcile: with_prelude(include_str!("../lua/reconcile.lua")),
+            repair: with_prelude(include_str!("../lua/repair.lua")),
         }
     }
 }
@@ -195,6 +199,27 @@ pub struct AccountCounters {
     pub period_credits: Credits,
     /// Alert thresholds already fired this period ("p25,p15").
     pub fired: String,
+}
+
+/// Counters of one account read by the reconciler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotCounters {
+    pub balance: Credits,
+    pub used: Credits,
+    pub period_credits: Credits,
+}
+
+/// What `reconcile_read` saw at one instant.
+#[derive(Clone, Debug)]
+pub struct HotCut {
+    /// '' when the tenant is not loaded.
+    pub epoch: String,
+    /// Holds committing: id, and what each account of its draw chain was charged.
+    pub committing: Vec<(String, Vec<(String, Credits)>)>,
+    /// Per account asked, in order; `None` when Redis has no such account.
+    pub counters: Vec<Option<HotCounters>>,
+    /// Per ledger row asked, in order: its marker exists.
+    pub applied: Vec<bool>,
 }
 
 /// The result of one reaper pass over a tenant.
@@ -695,6 +720,104 @@ impl HotStore {
         let expired =
             reply.first().and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| HotError::Protocol("reap count".into()))?;
         Ok(ReapPass { expired, overdue_commits: reply[1..].to_vec() })
+    }
+
+    /// Reads, atomically, `accounts`' counters, the holds committing, and
+    /// whether the ledger rows `markers` were applied (see reconcile.lua).
+    pub async fn reconcile_read(&self, tenant: &str, accounts: &[String], markers: &[i64]) -> HotResult<HotCut> {
+        let keys = self.keys(tenant);
+        let mut invocation = self.scripts.reconcile.key(keys.epoch());
+        invocation.key(keys.committing()).arg(keys.prefix()).arg(accounts.len());
+        for a in accounts {
+            invocation.arg(a);
+        }
+        for m in markers {
+            invocation.arg(*m);
+        }
+        let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let bad = || HotError::Protocol(format!("reconcile reply of {} fields", reply.len()));
+        let mut fields = reply.iter().map(String::as_str);
+        let epoch = fields.next().ok_or_else(bad)?.to_string();
+        let holds: usize = fields.next().and_then(|n| n.parse().ok()).ok_or_else(bad)?;
+        let mut committing = Vec::with_capacity(holds);
+        for _ in 0..holds {
+            let (id, dc, ch) = (fields.next(), fields.next(), fields.next());
+            let (Some(id), Some(dc), Some(ch)) = (id, dc, ch) else { return Err(bad()) };
+            let accounts = split_csv(dc);
+            let charged = split_csv(ch);
+            if accounts.len() != charged.len() {
+                return Err(HotError::Protocol(format!(
+                    "hold {id}: {} accounts, {} charges",
+                    accounts.len(),
+                    charged.len()
+                )));
+            }
+            let charges = accounts
+                .into_iter()
+                .zip(charged)
+                .map(|(a, c)| Ok((a.to_string(), parse_micros(c)?)))
+                .collect::<HotResult<Vec<_>>>()?;
+            committing.push((id.to_string(), charges));
+        }
+        let mut counters = Vec::with_capacity(accounts.len());
+        for _ in accounts {
+            let (b, u, pc) = (fields.next(), fields.next(), fields.next());
+            let (Some(b), Some(u), Some(pc)) = (b, u, pc) else { return Err(bad()) };
+            counters.push(if b.is_empty() {
+                None
+            } else {
+                let or_zero = |s: &str| if s.is_empty() { Ok(Credits::ZERO) } else { parse_micros(s) };
+                Some(HotCounters { balance: parse_micros(b)?, used: or_zero(u)?, period_credits: or_zero(pc)? })
+            });
+        }
+        let applied = fields.by_ref().take(markers.len()).map(|m| m == "1").collect::<Vec<_>>();
+        if applied.len() != markers.len() || fields.next().is_some() {
+            return Err(bad());
+        }
+        Ok(HotCut { epoch, committing, counters, applied })
+    }
+
+    /// Moves an account's hot balance by `delta` if the epoch and balance
+    /// are still `epoch` and `measured`; false when something moved.
+    pub async fn repair_balance(
+        &self,
+        tenant: &str,
+        epoch: &str,
+        account: &str,
+        measured: Credits,
+        delta: Credits,
+    ) -> HotResult<bool> {
+        let keys = self.keys(tenant);
+        let reply: Vec<String> = self
+            .scripts
+            .repair
+            .key(keys.epoch())
+            .key(keys.account(account))
+            .arg(epoch)
+            .arg(measured.micros())
+            .arg(delta.micros())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(reply.first().map(String::as_str) == Some("repaired"))
+    }
+
+    /// Claims the tenant's reconciliation for `interval`: true for the one
+    /// replica that gets it.
+    pub async fn claim_reconcile(&self, tenant: &str, replica: &str, interval: Duration) -> HotResult<bool> {
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(self.keys(tenant).reconcile_claim())
+            .arg(replica)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(interval).max(1))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(claimed.is_some())
+    }
+
+    /// Number of active holds of the tenant.
+    pub async fn active_holds(&self, tenant: &str) -> HotResult<u64> {
+        Ok(self.conn.clone().zcard(self.keys(tenant).holds()).await?)
     }
 
     pub async fn is_loaded(&self, tenant: &str) -> HotResult<bool> {

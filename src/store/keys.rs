@@ -57,6 +57,12 @@ impl TenantKeys {
         format!("{}m:{ledger_entry}", self.prefix)
     }
 
+    /// Claim of the tenant's current reconciliation interval (one replica
+    /// reconciles a tenant per interval).
+    pub fn reconcile_claim(&self) -> String {
+        format!("{}rc", self.prefix)
+    }
+
     /// The Redis Cluster hash slot of every key of the tenant.
     pub fn slot(&self) -> u16 {
         let start = self.prefix.find('{').map_or(0, |i| i + 1);

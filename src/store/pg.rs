@@ -232,6 +232,18 @@ pub struct TenantSnapshot {
     pub unapplied: Vec<i64>,
 }
 
+/// The reconciler's view of one tenant in PostgreSQL (`ledger_view`).
+#[derive(Clone, Debug)]
+pub struct LedgerView {
+    pub accounts: Vec<String>,
+    /// Σ ledger − unallocated draws, per account (absent: zero).
+    pub balances: HashMap<String, Credits>,
+    /// Ledger rows not yet marked applied to Redis.
+    pub unapplied: Vec<PendingEntry>,
+    /// The holds asked about that have a durable usage event.
+    pub durable: std::collections::HashSet<Uuid>,
+}
+
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
@@ -726,27 +738,7 @@ impl PgStore {
         .into_iter()
         .map(account_row)
         .collect::<PgResult<Vec<_>>>()?;
-        let mut balances: HashMap<String, Credits> = HashMap::new();
-        let ledger: Vec<(String, Decimal)> =
-            sqlx::query_as("SELECT account_id, SUM(amount) FROM ledger WHERE tenant_id = $1 GROUP BY account_id")
-                .bind(tenant)
-                .fetch_all(&mut *tx)
-                .await?;
-        for (account, sum) in ledger {
-            balances.insert(account, credits(sum)?);
-        }
-        let draws: Vec<(String, Decimal)> = sqlx::query_as(
-            "SELECT d.account, SUM(d.amount) FROM usage_events e, \
-               jsonb_to_recordset(e.draws) AS d(account text, amount numeric) \
-             WHERE e.tenant_id = $1 AND NOT e.allocated GROUP BY d.account",
-        )
-        .bind(tenant)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (account, sum) in draws {
-            let entry = balances.entry(account).or_default();
-            *entry = entry.checked_sub(credits(sum)?).ok_or_else(|| PgError::Amount("balance overflow".into()))?;
-        }
+        let balances = ledger_balances(&mut tx, tenant).await?;
         // Cap usage: per account, the usage of its subtree since its own
         // current period start.
         let usage: Vec<(String, Decimal)> = sqlx::query_as(
@@ -903,6 +895,42 @@ impl PgStore {
 
     /// Of these hold ids, the ones whose usage event is stored (a commit's
     /// event names its reservation; a charge's event has the hold's id).
+    /// What the reconciler compares Redis with, from one snapshot: every
+    /// account's ledger balance, the ledger rows not yet marked applied,
+    /// and which of `holds` (reservation or charge ids) have a usage event.
+    pub async fn ledger_view(&self, tenant: &str, holds: &[Uuid]) -> PgResult<LedgerView> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let accounts: Vec<String> =
+            sqlx::query_scalar("SELECT account_id FROM accounts WHERE tenant_id = $1 ORDER BY account_id")
+                .bind(tenant)
+                .fetch_all(&mut *tx)
+                .await?;
+        let balances = ledger_balances(&mut tx, tenant).await?;
+        let rows: Vec<(i64, String, String, Decimal)> = sqlx::query_as(
+            "SELECT entry_id, tenant_id, account_id, amount FROM ledger WHERE tenant_id = $1 AND NOT applied",
+        )
+        .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
+        let unapplied = rows
+            .into_iter()
+            .map(|(entry_id, tenant_id, account_id, amount)| {
+                Ok(PendingEntry { entry_id, tenant_id, account_id, amount: credits(amount)? })
+            })
+            .collect::<PgResult<Vec<_>>>()?;
+        let durable: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT COALESCE(reservation_id, event_id) FROM usage_events \
+             WHERE tenant_id = $1 AND (reservation_id = ANY($2) OR event_id = ANY($2))",
+        )
+        .bind(tenant)
+        .bind(holds)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(LedgerView { accounts, balances, unapplied, durable: durable.into_iter().collect() })
+    }
+
     pub async fn holds_with_events(&self, tenant: &str, holds: &[Uuid]) -> PgResult<Vec<Uuid>> {
         Ok(sqlx::query_scalar(
             "SELECT COALESCE(reservation_id, event_id) FROM usage_events \
@@ -1184,6 +1212,33 @@ pub struct AccountUpdate {
     pub suspended: Option<bool>,
     pub display_name: Option<String>,
     pub tier: Option<String>,
+}
+
+/// Σ ledger − draws of usage not yet allocated, per account (accounts
+/// with neither are absent: their balance is zero).
+async fn ledger_balances(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<HashMap<String, Credits>> {
+    let mut balances: HashMap<String, Credits> = HashMap::new();
+    let ledger: Vec<(String, Decimal)> =
+        sqlx::query_as("SELECT account_id, SUM(amount) FROM ledger WHERE tenant_id = $1 GROUP BY account_id")
+            .bind(tenant)
+            .fetch_all(&mut **tx)
+            .await?;
+    for (account, sum) in ledger {
+        balances.insert(account, credits(sum)?);
+    }
+    let draws: Vec<(String, Decimal)> = sqlx::query_as(
+        "SELECT d.account, SUM(d.amount) FROM usage_events e, \
+           jsonb_to_recordset(e.draws) AS d(account text, amount numeric) \
+         WHERE e.tenant_id = $1 AND NOT e.allocated GROUP BY d.account",
+    )
+    .bind(tenant)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (account, sum) in draws {
+        let entry = balances.entry(account).or_default();
+        *entry = entry.checked_sub(credits(sum)?).ok_or_else(|| PgError::Amount("balance overflow".into()))?;
+    }
+    Ok(balances)
 }
 
 pub(crate) async fn lock_tenant_ledger(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> PgResult<()> {

@@ -128,6 +128,8 @@ pub type Intercepted = InterceptedService<Channel, KeyInjector>;
 /// A running creditd.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
+    /// The metrics endpoint, when `metrics.listen` was set.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub backends: Backends,
     pub credit: CreditServiceClient<Intercepted>,
     pub admin: AdminServiceClient<Intercepted>,
@@ -167,6 +169,8 @@ pub fn test_overrides(b: &Backends) -> Vec<(String, String)> {
         ("jobs.health_interval", "100ms"),
         ("server.shutdown_grace", "2s"),
         ("log.filter", "warn"),
+        // Measure only: a test must see drift, not have it repaired away.
+        ("reconcile.repair", "false"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -189,6 +193,7 @@ impl TestApp {
         let config = Config::load(&Sources { file: None, env: vec![], overrides }).expect("test config");
         let app = App::build(config).await.expect("app builds");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let engine = app.engine().clone();
         let (_, operator_key) =
             engine.keys.create(None, Role::Operator, "tests", None).await.expect("create an operator key");
@@ -206,6 +211,7 @@ impl TestApp {
         let injector = KeyInjector { keys: keys.clone() };
         TestApp {
             addr,
+            metrics_addr,
             backends,
             credit: CreditServiceClient::with_interceptor(channel.clone(), injector.clone()),
             admin: AdminServiceClient::with_interceptor(channel.clone(), injector.clone()),

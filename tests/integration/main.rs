@@ -11,6 +11,7 @@ mod crash;
 mod exactness;
 mod hot_path;
 mod idempotency;
+mod observability;
 mod pricing;
 mod recovery;
 mod reports;

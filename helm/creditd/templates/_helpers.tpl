@@ -115,7 +115,7 @@ app.kubernetes.io/part-of: creditd
 {{- end }}
 
 {{/*
-creditd.toml: config.* section by section, plus [tls] from tls.* and
+creditd.toml: config.* section by section, plus [metrics] from metrics.*, [tls] from tls.* and
 redis.cluster when set. postgres.url and redis.url stay out (Secret), and
 server.listen comes from CREDITD_SERVER__LISTEN.
 */}}
@@ -125,7 +125,7 @@ server.listen comes from CREDITD_SERVER__LISTEN.
 # DATABASE_URL and REDIS_URL come from a Secret; server.listen from
 # CREDITD_SERVER__LISTEN.
 {{- $config := .Values.config | default dict }}
-{{- range $section := list "server" "auth" "postgres" "redis" "hot" "commit" "jobs" "log" }}
+{{- range $section := list "server" "auth" "postgres" "redis" "hot" "commit" "jobs" "reconcile" "log" }}
 {{- $values := index $config $section | default dict }}
 {{- $cluster := and (eq $section "redis") $.Values.redis.cluster }}
 {{- if or $values $cluster }}
@@ -140,9 +140,14 @@ cluster = true
 {{- end }}
 {{- end }}
 {{- range $section := keys $config }}
-{{- if not (has $section (list "server" "auth" "postgres" "redis" "hot" "commit" "jobs" "log")) }}
+{{- if not (has $section (list "server" "auth" "postgres" "redis" "hot" "commit" "jobs" "reconcile" "log")) }}
 {{- fail (printf "config.%s: not a section creditd's chart renders (tls comes from tls.*)" $section) }}
 {{- end }}
+{{- end }}
+{{- if .Values.metrics.enabled }}
+
+[metrics]
+listen = {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | toJson }}
 {{- end }}
 {{- if .Values.tls.enabled }}
 
@@ -172,7 +177,7 @@ client_ca_file = {{ printf "%s/ca.crt" .Values.tls.mountPath | toJson }}
 {{- fail "mode deployment needs server.listenAddress reachable by the Service (0.0.0.0 or ::), not loopback" }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
-{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled (and creditd's metrics endpoint)" }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (or (not .Values.tls.cert) (not .Values.tls.key)) }}
 {{- fail "tls.enabled needs tls.existingSecret or both tls.cert and tls.key" }}

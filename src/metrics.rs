@@ -1,0 +1,331 @@
+//! Prometheus metrics: one registry per process, exposed as text on
+//! `metrics.listen` (see `serve`).
+//!
+//! Recording is cheap on purpose: counters and histograms are atomics
+//! behind a read lock, label sets are small. Gauges that describe the
+//! stores (active holds, drift) are set by the background jobs, never
+//! computed at scrape time, so a scrape costs no Redis or PostgreSQL call.
+
+use std::{
+    net::SocketAddr,
+    sync::{LazyLock, atomic::AtomicU64},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// `<package.Service>/<Method>`, e.g. `creditd.v1.CreditService/Reserve`.
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcCodeLabels {
+    pub method: String,
+    /// The gRPC status code name, e.g. `OK`, `UNAVAILABLE`.
+    pub code: &'static str,
+}
+
+/// The outcome of a Reserve or Authorize.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Decision {
+    granted,
+    insufficient_credits,
+    cap_reached,
+    account_suspended,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Call {
+    reserve,
+    authorize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub call: Call,
+    pub decision: Decision,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Store {
+    redis,
+    postgres,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ErrorKind {
+    /// Connection refused or dropped, timeout: retrying may succeed.
+    unavailable,
+    /// Anything else the store answered that the service did not expect.
+    other,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreErrorLabels {
+    pub store: Store,
+    pub kind: ErrorKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+/// How a hold ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HoldEnd {
+    committed,
+    released,
+    expired,
+    /// A commit whose PostgreSQL write never confirmed: its charge undone.
+    reverted,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HoldEndLabels {
+    pub end: HoldEnd,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub rpc_duration: HistogramFamily<RpcLabels>,
+    pub rpc_total: Family<RpcCodeLabels, Counter>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub holds_active: Family<TenantLabels, Gauge>,
+    pub holds_ended: Family<HoldEndLabels, Counter>,
+    pub commit_batch: Histogram,
+    pub commit_write: Histogram,
+    pub store_errors: Family<StoreErrorLabels, Counter>,
+    pub rebuilds: Counter,
+    pub drift_accounts: Family<TenantLabels, Gauge>,
+    pub drift_credits: Family<TenantLabels, Gauge<f64, AtomicU64>>,
+    pub drift_found: Counter,
+    pub drift_repaired: Counter,
+    pub reconcile_runs: Counter,
+    pub reconcile_skipped_busy: Counter,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("creditd");
+        let rpc_duration: HistogramFamily<RpcLabels> = Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "rpc_duration",
+            "Time from a call's arrival to its response headers, per RPC",
+            Unit::Seconds,
+            rpc_duration.clone(),
+        );
+        let rpc_total = Family::<RpcCodeLabels, Counter>::default();
+        registry.register("rpc", "Calls answered, per RPC and gRPC status code", rpc_total.clone());
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Reserve and Authorize decisions: granted, or the denial reason (replays count again)",
+            decisions.clone(),
+        );
+        let holds_active = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "holds_active",
+            "Active holds per tenant, as of the last reaper pass of this replica",
+            holds_active.clone(),
+        );
+        let holds_ended = Family::<HoldEndLabels, Counter>::default();
+        registry.register(
+            "holds_ended",
+            "Holds settled by this replica: committed, released, expired by the reaper, or reverted",
+            holds_ended.clone(),
+        );
+        let commit_batch = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "commit_batch_size",
+            "Usage events written per group-commit transaction",
+            commit_batch.clone(),
+        );
+        let commit_write = latency_histogram();
+        registry.register_with_unit(
+            "commit_write_duration",
+            "Time of one group-commit transaction in PostgreSQL",
+            Unit::Seconds,
+            commit_write.clone(),
+        );
+        let store_errors = Family::<StoreErrorLabels, Counter>::default();
+        registry.register("store_errors", "Errors from Redis and PostgreSQL, by kind", store_errors.clone());
+        let rebuilds = Counter::default();
+        registry.register("rebuilds", "Tenant hot states rebuilt from PostgreSQL by this replica", rebuilds.clone());
+        let drift_accounts = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "drift_accounts",
+            "Accounts whose Redis balance differed from the ledger at the last reconciliation",
+            drift_accounts.clone(),
+        );
+        let drift_credits = Family::<TenantLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "drift_credits",
+            "Sum of |Redis balance - ledger balance| over drifting accounts at the last reconciliation, in credits",
+            drift_credits.clone(),
+        );
+        let drift_found = Counter::default();
+        registry.register("drift_found", "Account drifts found by the reconciler", drift_found.clone());
+        let drift_repaired = Counter::default();
+        registry.register(
+            "drift_repaired",
+            "Account drifts repaired by the reconciler (the Redis balance set to the ledger's)",
+            drift_repaired.clone(),
+        );
+        let reconcile_runs = Counter::default();
+        registry.register("reconcile_runs", "Tenant reconciliations completed", reconcile_runs.clone());
+        let reconcile_skipped_busy = Counter::default();
+        registry.register(
+            "reconcile_skipped_busy",
+            "Accounts the reconciler skipped because they changed while it compared them",
+            reconcile_skipped_busy.clone(),
+        );
+        Metrics {
+            registry,
+            rpc_duration,
+            rpc_total,
+            decisions,
+            holds_active,
+            holds_ended,
+            commit_batch,
+            commit_write,
+            store_errors,
+            rebuilds,
+            drift_accounts,
+            drift_credits,
+            drift_found,
+            drift_repaired,
+            reconcile_runs,
+            reconcile_skipped_busy,
+        }
+    }
+
+    /// The registry in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn store_error(&self, store: Store, unavailable: bool) {
+        let kind = if unavailable { ErrorKind::unavailable } else { ErrorKind::other };
+        self.store_errors.get_or_create(&StoreErrorLabels { store, kind }).inc();
+    }
+
+    pub fn hold_ended(&self, end: HoldEnd, count: u64) {
+        if count > 0 {
+            self.holds_ended.get_or_create(&HoldEndLabels { end }).inc_by(count);
+        }
+    }
+
+    pub fn decision(&self, call: Call, decision: Decision) {
+        self.decisions.get_or_create(&DecisionLabels { call, decision }).inc();
+    }
+
+    pub fn rpc(&self, method: &str, code: &'static str, elapsed: Duration) {
+        let method = method.to_string();
+        self.rpc_duration.get_or_create(&RpcLabels { method: method.clone() }).observe(elapsed.as_secs_f64());
+        self.rpc_total.get_or_create(&RpcCodeLabels { method, code }).inc();
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// The name of a gRPC status code, as Prometheus labels show it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` (any other path: 404) over HTTP/1.1 until
+/// `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use http_body_util::Full;
+    use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+    use hyper_util::rt::TokioIo;
+
+    let local: SocketAddr = listener.local_addr()?;
+    tracing::info!(listen = %local, "metrics endpoint serving /metrics");
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return Ok(()),
+        };
+        tokio::spawn(async move {
+            let service = service_fn(|request: Request<hyper::body::Incoming>| async move {
+                let response = if request.uri().path() == "/metrics" {
+                    Response::builder()
+                        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .body(Full::new(Bytes::from(metrics().encode())))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"not found\n")))
+                };
+                Ok::<_, hyper::http::Error>(response.expect("a static response is valid"))
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
