@@ -4,14 +4,15 @@
 #   docker build -t creditd:0.1.0 .
 #   docker run --rm -p 50051:50051 -e DATABASE_URL=… -e REDIS_URL=… creditd:0.1.0 serve
 #
-# protoc comes vendored (build.rs), migrations are embedded in the binary.
+# protoc comes vendored (build.rs), migrations are embedded in the binary. The
+# image includes OTLP span export (feature otlp; log.otlp_endpoint turns it on).
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin creditd \
+    cargo build --release --locked --features otlp --bin creditd \
     && install -D -m 0755 target/release/creditd /out/creditd
 
 # glibc and libgcc, CA certificates, no shell; runs as nonroot (65532:65532).

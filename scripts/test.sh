@@ -4,7 +4,8 @@
 # Starts a throwaway PostgreSQL and Redis on free 127.0.0.1 ports, exports
 #   CREDITD_TEST_DATABASE_URL, CREDITD_TEST_REDIS_URL and (a 3-master Redis
 #   Cluster) CREDITD_TEST_REDIS_CLUSTER_URL,
-# then runs cargo fmt --check, cargo clippy, the Helm chart check
+# then runs cargo fmt --check, cargo clippy (also with the otlp feature the
+# Docker image builds with), the Helm chart check
 # (scripts/helm-check.sh) and cargo test, then loads the chart's rendered
 # configurations with the creditd binary just built. Everything is torn down
 # on exit, whatever the outcome.
@@ -99,6 +100,8 @@ else
     run cargo fmt --check
     step "cargo clippy --all-targets --locked -- -D warnings"
     run cargo clippy --all-targets --locked -- -D warnings
+    step "cargo clippy --locked --features otlp --bin creditd -- -D warnings (the image's build)"
+    run cargo clippy --locked --features otlp --bin creditd -- -D warnings
 fi
 
 step "scripts/helm-check.sh: helm lint --strict, helm template, kubernetes-validate --strict"

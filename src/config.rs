@@ -176,6 +176,9 @@ pub struct LogConfig {
     pub format: String,
     /// tracing filter directives.
     pub filter: String,
+    /// OTLP/gRPC collector for the tracing spans ("http://collector:4317");
+    /// empty: none. Needs a build with the `otlp` feature.
+    pub otlp_endpoint: String,
 }
 
 /// Why the configuration was refused.
@@ -239,6 +242,17 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_string() });
+        if !self.log.otlp_endpoint.is_empty() {
+            if !cfg!(feature = "otlp") {
+                return invalid(
+                    "log.otlp_endpoint",
+                    "needs a creditd built with the otlp feature (cargo build --features otlp)",
+                );
+            }
+            if !(self.log.otlp_endpoint.starts_with("http://") || self.log.otlp_endpoint.starts_with("https://")) {
+                return invalid("log.otlp_endpoint", "must be empty or an http:// or https:// URL");
+            }
+        }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return invalid("metrics.listen", "must be empty or an address like 0.0.0.0:9090");
         }

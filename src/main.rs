@@ -103,7 +103,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config);
+    let _telemetry = match init_tracing(&config) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("creditd: cannot set up tracing: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli.command, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -229,12 +235,62 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(config: &Config) {
+/// Logs to stderr (text or JSON), plus spans to an OTLP collector when
+/// `log.otlp_endpoint` is set (builds with the `otlp` feature). The guard
+/// flushes the exporter when dropped.
+fn init_tracing(config: &Config) -> Result<Telemetry, Box<dyn std::error::Error>> {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if config.log.format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if config.log.format == "json" { fmt.json().boxed() } else { fmt.boxed() };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otlp")]
+    if !config.log.otlp_endpoint.is_empty() {
+        let (layer, provider) = otlp::layer(&config.log.otlp_endpoint)?;
+        registry.with(layer).init();
+        return Ok(Telemetry { provider: Some(provider) });
+    }
+    registry.init();
+    Ok(Telemetry::default())
+}
+
+#[derive(Default)]
+struct Telemetry {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("creditd: flushing spans to the OTLP collector failed: {e}");
+        }
+    }
+}
+
+#[cfg(feature = "otlp")]
+mod otlp {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// A tracing layer exporting spans in batches over OTLP/gRPC.
+    pub fn layer<S>(
+        endpoint: &str,
+    ) -> Result<(impl tracing_subscriber::Layer<S>, SdkTracerProvider), Box<dyn std::error::Error>>
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(Resource::builder().with_service_name("creditd").build())
+            .build();
+        let tracer = provider.tracer("creditd");
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
     }
 }
