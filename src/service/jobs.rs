@@ -128,18 +128,22 @@ async fn health_loop(
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let serving = engine.health_pass().await;
-        status.send_if_modified(|current| {
-            let changed = *current != serving;
-            *current = serving;
-            changed
-        });
+        let serving = engine.health_pass(&status).await;
+        publish(&status, serving);
         tokio::select! {
             _ = ticker.tick() => {}
             _ = engine.rebuild_wanted.notified() => {}
             _ = shutdown.changed() => return,
         }
     }
+}
+
+fn publish(status: &watch::Sender<Serving>, serving: Serving) {
+    status.send_if_modified(|current| {
+        let changed = *current != serving;
+        *current = serving;
+        changed
+    });
 }
 
 impl Engine {
@@ -228,7 +232,10 @@ impl Engine {
     /// Checks the backends and every tenant's hot state, rebuilding what
     /// Redis lost. SERVING needs Redis and every tenant loaded; PostgreSQL
     /// being down alone does not stop Reserve, so it does not stop serving.
-    pub async fn health_pass(&self) -> Serving {
+    /// A tenant found unloaded turns `status` NOT_SERVING at once, before
+    /// its rebuild (which waits at least the settle time, or for another
+    /// replica's rebuild): calls answer UNAVAILABLE meanwhile.
+    pub async fn health_pass(&self, status: &watch::Sender<Serving>) -> Serving {
         if let Err(e) = self.hot.ping().await {
             tracing::warn!(error = %e, "redis unreachable: not serving");
             return Serving::No;
@@ -243,13 +250,13 @@ impl Engine {
         for tenant in self.tenants.all() {
             match self.hot.is_loaded(&tenant).await {
                 Ok(true) => {}
-                Ok(false) => match self.rebuild(&tenant, self.limits.rebuild_settle).await {
-                    Ok(()) => {}
-                    Err(e) => {
+                Ok(false) => {
+                    publish(status, Serving::No);
+                    if let Err(e) = self.rebuild(&tenant, self.limits.rebuild_settle).await {
                         tracing::warn!(error = %e, tenant = %tenant, "rebuild failed");
                         return Serving::No;
                     }
-                },
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "redis unreachable: not serving");
                     return Serving::No;
