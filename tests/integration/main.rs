@@ -1,6 +1,7 @@
 //! Integration suite: creditd driven through its gRPC API against real
 //! PostgreSQL and Redis (see `harness`).
 
+mod fault_tools;
 mod harness;
 
 mod admin;
@@ -9,6 +10,7 @@ mod bad_input;
 mod cluster;
 mod crash;
 mod exactness;
+mod faults;
 mod hot_path;
 mod idempotency;
 mod observability;
