@@ -134,6 +134,7 @@ async fn redis_restarted_empty_under_load_grants_nothing_twice() {
     assert!(!process_alive(redis_pid), "redis-server was killed");
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.restart_empty().await;
+    let restarted_pid = redis.pid().unwrap();
     assert!(acked_before < 300, "the fault came while most of the pool was left ({acked_before} spent)");
 
     // Both replicas stop serving, the tenant is rebuilt, both serve again.
@@ -170,7 +171,7 @@ async fn redis_restarted_empty_under_load_grants_nothing_twice() {
     drop(health);
     drop((a, b));
     drop(redis);
-    assert!(!process_alive(redis_pid));
+    assert!(!process_alive(restarted_pid), "the restarted redis-server is gone with its guard");
 }
 
 // ---- PostgreSQL unreachable --------------------------------------------------
