@@ -240,7 +240,8 @@ fault_replica_kill() {
     local i=$((RANDOM % 2)) down
     down="$((1 + RANDOM % 4))"
     fault_log replica_kill "kill -9 replica $i (pid ${REPLICA_PIDS[$i]}), restart after ${down} s"
-    stop_replica "$i" KILL
+    # (bash's "Killed" notice for its child is expected: silence it)
+    { stop_replica "$i" KILL; } 2>/dev/null
     nap "$down"
     start_replica "$i"
     fault_log replica_kill_end "replica $i restarted (pid ${REPLICA_PIDS[$i]})"

@@ -1846,10 +1846,20 @@ async fn audit(args: AuditArgs) -> AnyResult<bool> {
 
         // The service's own check, on every replica.
         for addr in &args.addr {
-            let ch = endpoint(*addr, Duration::from_secs(30));
-            let mut r = Request::new(pb::CheckBalancesRequest {});
-            r.metadata_mut().insert("authorization", bearer(&t.admin_key)?);
-            match AdminServiceClient::new(ch).check_balances(r).await {
+            let mut answer = Err(Status::unknown("not called"));
+            // A transient error (a connection reset) is retried; a lasting
+            // one fails the check.
+            for _ in 0..3 {
+                let ch = endpoint(*addr, Duration::from_secs(60));
+                let mut r = Request::new(pb::CheckBalancesRequest {});
+                r.metadata_mut().insert("authorization", bearer(&t.admin_key)?);
+                answer = AdminServiceClient::new(ch).check_balances(r).await;
+                if answer.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            match answer {
                 Ok(resp) => {
                     let resp = resp.into_inner();
                     for d in resp.drifts {
