@@ -356,7 +356,8 @@ cat "$TMP_DIR/check.md"
 cat "$TMP_DIR/check.md" >>"$OUT_DIR/latest.md"
 
 step "results"
-sed -n '1,/^## Faults/p' "$OUT_DIR/latest.md" | sed '$d'
+# Everything but the fault log (it is in the file) and the check output (above).
+sed -e '/^<details>/,/^<\/details>/d' -e '/^## creditd check/,$d' "$OUT_DIR/latest.md"
 if [[ $audit_rc -ne 0 || $check_rc -ne 0 ]]; then
     printf '\n==> scripts/soak.sh: invariants FAILED (audit %s, creditd check %s); see %s\n' \
         "$audit_rc" "$check_rc" "$OUT_DIR/latest.md" >&2

@@ -715,7 +715,7 @@ impl Worker {
                     // The same key with another payload: refused, changes nothing.
                     let mut other = req.clone();
                     other.cost = Some(pb::commit_request::Cost::Amount("0.000001".into()));
-                    let again = self.client.call("Commit", &key, &other, credit!(commit)).await;
+                    let again = self.client.call("Commit (key reused on purpose)", &key, &other, credit!(commit)).await;
                     let (same, detail) = match &again {
                         Outcome::Failed(s) => (
                             s.code() == Code::FailedPrecondition && reason_of(s) == "IDEMPOTENCY_KEY_REUSED",
