@@ -249,6 +249,10 @@ pub struct PgStore {
     pool: PgPool,
 }
 
+/// The bound of a rebuild's snapshot reads (see `PgStore::snapshot`): long
+/// enough for a tenant with millions of events this period.
+const SNAPSHOT_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '10min'";
+
 const EVENT_COLUMNS: &str = "event_id, account_id, reservation_id, payload_hash, amount, held, overdraft, recorded_at, price_version, line_items";
 
 pub(crate) const GRANT_SELECT: &str = "SELECT g.grant_id, g.account_id, g.amount, g.category, g.priority, g.effective_at, \
@@ -723,9 +727,15 @@ impl PgStore {
 
     /// The state a rebuild of the tenant's hot balances starts from. Runs
     /// under the tenant's ledger lock, in one snapshot.
+    ///
+    /// Its reads grow with the tenant's usage in the current period, so
+    /// they are not bound by `postgres.statement_timeout` (which bounds
+    /// commits in doubt): under that limit, a tenant with enough usage
+    /// could never be rebuilt and would stay UNAVAILABLE after a Redis loss.
     pub async fn snapshot(&self, tenant: &str) -> PgResult<TenantSnapshot> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
+        sqlx::query(SNAPSHOT_STATEMENT_TIMEOUT).execute(&mut *tx).await?;
         lock_tenant_ledger(&mut tx, tenant).await?;
         let accounts = sqlx::query(
             "SELECT account_id, parent_id, kind, display_name, pool_access, cap, suspended, depth, created_at, \
