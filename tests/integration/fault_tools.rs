@@ -62,6 +62,19 @@ pub fn url_via(url: &str, port: u16) -> String {
     u.to_string()
 }
 
+/// A connection for the test's own Redis reads, patient enough for a
+/// loaded machine (the client's default gives up after 500 ms).
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect to redis")
+}
+
 // ---- fault proxy ---------------------------------------------------------
 
 /// What the proxy does to traffic.
@@ -391,9 +404,6 @@ pub fn process_alive(pid: u32) -> bool {
 
 pub const SERVING: i32 = ServingStatus::Serving as i32;
 pub const NOT_SERVING: i32 = ServingStatus::NotServing as i32;
-/// The health call itself failed.
-pub const NO_ANSWER: i32 = -1;
-
 /// Health changes of one replica: (when seen, status).
 type Changes = Vec<(Instant, i32)>;
 
@@ -401,34 +411,38 @@ type Changes = Vec<(Instant, i32)>;
 /// change, timestamped. Stops when dropped.
 pub struct HealthWatch {
     log: Arc<Mutex<Vec<Changes>>>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl HealthWatch {
     pub fn start(channels: Vec<Channel>) -> HealthWatch {
         let log = Arc::new(Mutex::new(vec![Vec::new(); channels.len()]));
-        let task = tokio::spawn({
-            let log = log.clone();
-            async move {
-                let mut clients: Vec<_> = channels.into_iter().map(HealthClient::new).collect();
-                loop {
-                    for (i, client) in clients.iter_mut().enumerate() {
+        // One poller per replica, so a slow answer from one does not hide
+        // the other's changes. A call that fails says nothing about the
+        // status and is not recorded.
+        let tasks = channels
+            .into_iter()
+            .enumerate()
+            .map(|(i, channel)| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut client = HealthClient::new(channel);
+                    loop {
                         let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
-                        request.set_timeout(Duration::from_secs(1));
-                        let status = match client.check(request).await {
-                            Ok(r) => r.into_inner().status,
-                            Err(_) => NO_ANSWER,
-                        };
-                        let mut log = log.lock().unwrap();
-                        if log[i].last().map(|(_, s)| *s) != Some(status) {
-                            log[i].push((Instant::now(), status));
+                        request.set_timeout(Duration::from_secs(5));
+                        if let Ok(r) = client.check(request).await {
+                            let status = r.into_inner().status;
+                            let mut log = log.lock().unwrap();
+                            if log[i].last().map(|(_, s)| *s) != Some(status) {
+                                log[i].push((Instant::now(), status));
+                            }
                         }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        });
-        HealthWatch { log, task }
+                })
+            })
+            .collect();
+        HealthWatch { log, tasks }
     }
 
     /// The changes seen on replica `i`.
@@ -492,7 +506,9 @@ impl HealthWatch {
 
 impl Drop for HealthWatch {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -687,7 +703,7 @@ pub async fn audit(app: &TestApp, acked: &[Acked]) -> Audit {
     pg.close().await;
 
     // Finalizing is not awaited by Commit: wait for it (or the reaper).
-    let mut redis = app.backends.redis().await;
+    let mut redis = redis_conn(&app.backends.redis_url).await;
     let prefix = format!("{}{{t:{TENANT}}}:", app.backends.key_prefix);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

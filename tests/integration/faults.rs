@@ -28,7 +28,7 @@ use tonic::Code;
 use crate::{
     fault_tools::{
         Acked, Client, Fault, FaultProxy, HealthWatch, NOT_SERVING, RedisServer, SERVING, Tally, audit, own_level,
-        process_alive, reason, retryable, url_addr, url_via,
+        process_alive, reason, redis_conn, retryable, url_addr, url_via,
     },
     harness::{Backends, TENANT, TestApp, req},
 };
@@ -116,7 +116,7 @@ async fn redis_restarted_empty_under_load_grants_nothing_twice() {
     tenant_with_pool(&a, 4, &POOL.to_string()).await;
     let health = HealthWatch::start(vec![a.raw_admin_channel(), b.raw_admin_channel()]);
     let epoch_key = key_of(&backends.key_prefix, "epoch");
-    let epoch_before: String = backends.redis().await.get(&epoch_key).await.unwrap();
+    let epoch_before: String = redis_conn(&backends.redis_url).await.get(&epoch_key).await.unwrap();
 
     let tally = Arc::new(Tally::default());
     let client = Client::new(&[&a, &b]);
@@ -142,7 +142,7 @@ async fn redis_restarted_empty_under_load_grants_nothing_twice() {
         let down = health.wait_for(replica, NOT_SERVING, killed_at, Duration::from_secs(10)).await;
         health.wait_for(replica, SERVING, down, Duration::from_secs(30)).await;
     }
-    let epoch_after: Option<String> = backends.redis().await.get(&epoch_key).await.unwrap();
+    let epoch_after: Option<String> = redis_conn(&backends.redis_url).await.get(&epoch_key).await.unwrap();
     assert!(epoch_after.is_some_and(|e| e != epoch_before), "the tenant was rebuilt with a new epoch");
 
     for c in clients {
@@ -290,7 +290,7 @@ async fn postgres_unreachable_for_ten_seconds() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let big = a.reserve_ttl("pool", "8000", "big", Duration::from_secs(1)).await;
     assert!(big.granted, "{big:?}");
-    let mut redis = backends.redis().await;
+    let mut redis = redis_conn(&backends.redis_url).await;
     let big_hold = key_of(&backends.key_prefix, &format!("h:{}", big.reservation_id));
     let expired_by = Instant::now() + Duration::from_secs(4);
     loop {
