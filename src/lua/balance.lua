@@ -18,7 +18,7 @@ for _, a in ipairs(chain) do
   local pa, s = '0', '0'
   if a.pool then pa = '1' end
   if a.s then s = '1' end
-  for _, v in ipairs({ a.id, fmt(a.b), fmt(a.h), pa, cap, fmt(a.u), fmt(a.uh), s, fmt(a.pe) }) do
+  for _, v in ipairs({ a.id, fmt(a.b), fmt(a.h), pa, cap, fmt(a.u), fmt(a.uh), s, fmt(num(a.pe)) }) do
     reply[#reply + 1] = v
   end
 end

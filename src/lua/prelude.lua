@@ -9,10 +9,17 @@
 --                    s suspended '1'/'0', pe period end (ms since epoch, 0 =
 --                    none), ra when a recurring allowance next renews (ms,
 --                    0 = none)
---   P h:<hold>       hash: the hold (see reserve.lua)
+--   P h:<hold>       hash: the hold (see reserve.lua), also the Reserve's
+--                    idempotency record (its id derives from the key), and
+--                    what its commit decided (see commit.lua)
 --   P holds          zset: active hold id -> expiry ms
 --   P committing     zset: hold id -> deadline ms for its PostgreSQL write
---   P i:<rpc>:<key>  string: idempotency record {ph = payload hash, r = reply}
+--   P i:c:<key>, P i:g:<key>
+--                    string: Commit / Charge idempotency record
+--                    "<payload hash>,<hold id>" (see commit.lua)
+--   P i:l:<key>, P i:x:<key>
+--                    string: Release / Extend idempotency record, JSON
+--                    {ph = payload hash, r = first reply}
 --   P m:<ledger id>  string: marker of a ledger row applied to b
 --   P alerts         stream: alerts fired, moved to PostgreSQL by a job
 -- Alert fields of an account hash: pc the period's credits (balance at the
@@ -47,14 +54,17 @@ end
 
 local function load_account(prefix, id)
   local key = prefix .. 'a:' .. id
-  local f = redis.call('HMGET', key, 'p', 'pa', 'cap', 'u', 'uh', 'b', 'h', 's', 'pe', 'ra')
+  local f = redis.call('HMGET', key, 'p', 'pa', 'cap', 'u', 'uh', 'b', 'h', 's', 'pe', 'ra', 'th')
   if f[1] == false then return nil end
   local cap = nil
   if f[3] ~= false and f[3] ~= '' then cap = tonumber(f[3]) end
   return {
     id = id, key = key, parent = f[1], pool = (f[2] == '1'), cap = cap,
     u = num(f[4]), uh = num(f[5]), b = num(f[6]), h = num(f[7]),
-    s = (f[8] == '1'), pe = num(f[9]), ra = num(f[10]),
+    -- pe and ra stay text until a denial needs them (num()).
+    s = (f[8] == '1'), pe = f[9], ra = f[10],
+    -- Whether the account has alert thresholds (alerts_after has work).
+    alerts = f[11] ~= false and f[11] ~= '',
   }
 end
 
@@ -116,13 +126,13 @@ end
 local function denial(chain, ev, amount)
   if ev.suspended then return { 'ACCOUNT_SUSPENDED', ev.suspended.id, 0 } end
   if ev.cap_left ~= nil and amount > ev.cap_left then
-    return { 'CAP_REACHED', ev.cap_acct.id, ev.cap_acct.pe }
+    return { 'CAP_REACHED', ev.cap_acct.id, num(ev.cap_acct.pe) }
   end
   if amount > ev.credits then
     -- When an allowance of the draw chain renews next, if any does.
     local renews = 0
     for i = 1, ev.k do
-      local ra = chain[i].ra
+      local ra = num(chain[i].ra)
       if ra > 0 and (renews == 0 or ra < renews) then renews = ra end
     end
     return { 'INSUFFICIENT_CREDITS', chain[ev.k].id, renews }
@@ -217,5 +227,5 @@ local function load_hold(key)
   local f = redis.call('HMGET', key, 'sub', 'amt', 'dc', 'd', 'cc', 'exp', 'st', 'lab', 'ep')
   if f[1] == false then return nil end
   return { sub = f[1], amt = tonumber(f[2]), dc = f[3], d = f[4], cc = f[5],
-           exp = tonumber(f[6]), st = f[7], lab = f[8], ep = f[9] }
+           exp = tonumber(f[6]), st = f[7], lab = f[8] or '', ep = f[9] }
 end

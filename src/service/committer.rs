@@ -60,7 +60,7 @@ impl Committer {
 }
 
 async fn write_batch(pg: &PgStore, batch: Vec<(NewEvent, Reply)>) {
-    let events: Vec<NewEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
+    let (events, replies): (Vec<NewEvent>, Vec<Reply>) = batch.into_iter().unzip();
     tracing::trace!(size = events.len(), "group commit");
     let started = std::time::Instant::now();
     let written = pg.insert_events(&events).await;
@@ -69,14 +69,14 @@ async fn write_batch(pg: &PgStore, batch: Vec<(NewEvent, Reply)>) {
     m.commit_write.observe(started.elapsed().as_secs_f64());
     match written {
         Ok(results) => {
-            for ((_, reply), result) in batch.into_iter().zip(results) {
+            for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, size = events.len(), "group commit failed");
             let e = Arc::new(e);
-            for (_, reply) in batch {
+            for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }

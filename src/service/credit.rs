@@ -305,14 +305,7 @@ impl Engine {
                 return Err(Error::Unavailable(Box::new(ArcError(e))));
             }
         }
-        let hot = self.hot.clone();
-        let tenant_owned = tenant.to_string();
-        let hold_id = prepared.hold_id.clone();
-        tokio::spawn(async move {
-            if let Err(e) = hot.finalize(&tenant_owned, &hold_id).await {
-                tracing::debug!(error = %e, hold = %hold_id, "finalize deferred to the reaper");
-            }
-        });
+        self.hot.finalize_later(tenant, prepared.hold_id.clone());
         Ok(Recorded {
             event_id,
             amount: prepared.cost,

@@ -17,11 +17,33 @@ use crate::{
 
 const PRELUDE: &str = include_str!("../lua/prelude.lua");
 
+/// A script called on the hot path: its `EVALSHA` is written straight into
+/// one command buffer (no intermediate argument vectors), and loaded on
+/// NOSCRIPT like `redis::Script` does.
+struct Lua {
+    hash: String,
+    code: String,
+}
+
+impl Lua {
+    fn new(body: &str) -> Self {
+        let code = format!("{PRELUDE}\n{body}");
+        Lua { hash: Script::new(&code).get_hash().to_string(), code }
+    }
+
+    /// `EVALSHA <hash> <nkeys>`; the caller adds keys, then arguments.
+    fn call(&self, nkeys: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.hash).arg(nkeys);
+        cmd
+    }
+}
+
 /// The compiled scripts. Each is the shared prelude followed by its body.
 struct Scripts {
-    reserve: Script,
-    commit: Script,
-    settle: Script,
+    reserve: Lua,
+    commit: Lua,
+    settle: Lua,
     release: Script,
     extend: Script,
     reap: Script,
@@ -37,9 +59,9 @@ impl Scripts {
     fn load() -> Self {
         let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
-            reserve: with_prelude(include_str!("../lua/reserve.lua")),
-            commit: with_prelude(include_str!("../lua/commit.lua")),
-            settle: with_prelude(include_str!("../lua/settle.lua")),
+            reserve: Lua::new(include_str!("../lua/reserve.lua")),
+            commit: Lua::new(include_str!("../lua/commit.lua")),
+            settle: Lua::new(include_str!("../lua/settle.lua")),
             release: with_prelude(include_str!("../lua/release.lua")),
             extend: with_prelude(include_str!("../lua/extend.lua")),
             reap: with_prelude(include_str!("../lua/reap.lua")),
@@ -272,6 +294,8 @@ pub struct HotStore {
     base: String,
     max_depth: u32,
     timings: HotTimings,
+    /// Holds to finalize (tenant, hold id), see `finalize_later`.
+    finalizer: tokio::sync::mpsc::UnboundedSender<(String, String)>,
 }
 
 /// Request of a Reserve or Authorize.
@@ -314,7 +338,25 @@ impl HotStore {
                 .set_max_delay(Duration::from_millis(500));
             Conn::Single(ConnectionManager::new_with_config(client, config).await?)
         };
-        Ok(HotStore { conn, scripts: Arc::new(Scripts::load()), base, max_depth, timings })
+        let (finalizer, queue) = tokio::sync::mpsc::unbounded_channel();
+        let store = HotStore { conn, scripts: Arc::new(Scripts::load()), base, max_depth, timings, finalizer };
+        // The worker's own copy must not keep the queue open.
+        let (closed, _) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run_finalizer(HotStore { finalizer: closed, ..store.clone() }, queue));
+        Ok(store)
+    }
+
+    /// Runs a hot-path script's `EVALSHA`, loading the script first if
+    /// Redis does not have it (a restart, a new node).
+    async fn eval(&self, script: &Lua, cmd: &redis::Cmd) -> HotResult<Vec<String>> {
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(&script.code).query_async(&mut conn).await?;
+                Ok(cmd.query_async(&mut conn).await?)
+            }
+            reply => Ok(reply?),
+        }
     }
 
     pub fn keys(&self, tenant: &str) -> TenantKeys {
@@ -334,19 +376,15 @@ impl HotStore {
     /// Reserve (with an idempotency key) or Authorize (without).
     pub async fn reserve(&self, tenant: &str, call: &ReserveCall<'_>) -> HotResult<Reserved> {
         let keys = self.keys(tenant);
-        let hold_id = uuid::Uuid::now_v7().to_string();
-        let (mode, idem) = match call.idempotency_key {
-            Some(key) => ("reserve", keys.idempotency('r', key)),
-            None => ("authorize", keys.idempotency('r', "")),
+        let (mode, hold_id) = match call.idempotency_key {
+            Some(key) => ("reserve", reserve_hold_id(tenant, key)),
+            None => ("authorize", String::new()),
         };
-        let reply: Vec<String> = self
-            .scripts
-            .reserve
-            .key(keys.epoch())
-            .key(keys.account(call.subject))
-            .key(keys.holds())
-            .key(idem)
-            .key(keys.hold(&hold_id))
+        let mut cmd = self.scripts.reserve.call(4);
+        cmd.arg(keys.epoch())
+            .arg(keys.account(call.subject))
+            .arg(keys.holds())
+            .arg(keys.hold(&hold_id))
             .arg(keys.prefix())
             .arg(call.amount.micros())
             .arg(millis(call.ttl))
@@ -356,9 +394,8 @@ impl HotStore {
             .arg(mode)
             .arg(call.labels_json)
             .arg(self.max_depth)
-            .arg(call.price_version)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(call.price_version);
+        let reply = self.eval(&self.scripts.reserve, &cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "granted" => Ok(Reserved {
@@ -391,13 +428,12 @@ impl HotStore {
                 (call.event_id.to_string(), keys.idempotency('g', call.idempotency_key), Some((subject, labels_json)))
             }
         };
-        let mut invocation = self.scripts.commit.prepare_invoke();
-        invocation
-            .key(keys.epoch())
-            .key(keys.hold(&hold_id))
-            .key(keys.holds())
-            .key(idem.as_str())
-            .key(keys.committing())
+        let mut cmd = self.scripts.commit.call(5);
+        cmd.arg(keys.epoch())
+            .arg(keys.hold(&hold_id))
+            .arg(keys.holds())
+            .arg(idem.as_str())
+            .arg(keys.committing())
             .arg(keys.prefix())
             .arg(call.cost.micros())
             .arg(call.payload_hash)
@@ -407,9 +443,9 @@ impl HotStore {
             .arg(call.idempotency_key)
             .arg(self.max_depth);
         if let Some((subject, labels_json)) = charge {
-            invocation.arg("charge").arg(subject).arg(labels_json);
+            cmd.arg("charge").arg(subject).arg(labels_json);
         }
-        let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let reply = self.eval(&self.scripts.commit, &cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "prepared" => {
@@ -445,34 +481,58 @@ impl HotStore {
 
     /// Marks a committing hold committed (its event is durable).
     pub async fn finalize(&self, tenant: &str, hold_id: &str) -> HotResult<()> {
-        self.settle(tenant, hold_id, "finalize", false).await.map(|_| ())
+        self.finalize_many(tenant, &[hold_id]).await.map(|_| ())
+    }
+
+    /// Marks committing holds of one tenant committed, in one script call.
+    /// Returns how many were still committing.
+    pub async fn finalize_many(&self, tenant: &str, hold_ids: &[&str]) -> HotResult<u64> {
+        let keys = self.keys(tenant);
+        let mut cmd = self.scripts.settle.call(1 + hold_ids.len());
+        cmd.arg(keys.committing());
+        for hold_id in hold_ids {
+            cmd.arg(keys.hold(hold_id));
+        }
+        cmd.arg(keys.prefix()).arg("finalize").arg(millis(self.timings.tombstone_ttl)).arg("0");
+        let reply = self.eval(&self.scripts.settle, &cmd).await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => r.text(1)?.parse().map_err(|_| HotError::Protocol(format!("finalize count {:?}", r.text(1)))),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    /// Finalizes a hold soon, without waiting: holds queued together are
+    /// finalized with one script call per tenant. Whatever is lost (a
+    /// crash, Redis unreachable) the reaper finalizes after the deadline.
+    pub fn finalize_later(&self, tenant: &str, hold_id: String) {
+        if self.finalizer.send((tenant.to_string(), hold_id)).is_err() {
+            tracing::debug!("finalizer stopped; the reaper will finalize");
+        }
     }
 
     /// Undoes a committing hold whose event never reached PostgreSQL, if its
     /// deadline passed. Returns whether it was reverted.
     pub async fn revert_overdue(&self, tenant: &str, hold_id: &str) -> HotResult<bool> {
-        self.settle(tenant, hold_id, "revert", true).await
+        self.revert(tenant, hold_id, true).await
     }
 
     /// Undoes a committing hold at once (its charge turned out to be a
     /// duplicate of a stored event).
     pub async fn revert_now(&self, tenant: &str, hold_id: &str) -> HotResult<bool> {
-        self.settle(tenant, hold_id, "revert", false).await
+        self.revert(tenant, hold_id, false).await
     }
 
-    async fn settle(&self, tenant: &str, hold_id: &str, how: &str, only_overdue: bool) -> HotResult<bool> {
+    async fn revert(&self, tenant: &str, hold_id: &str, only_overdue: bool) -> HotResult<bool> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .settle
-            .key(keys.hold(hold_id))
-            .key(keys.committing())
+        let mut cmd = self.scripts.settle.call(2);
+        cmd.arg(keys.committing())
+            .arg(keys.hold(hold_id))
             .arg(keys.prefix())
-            .arg(how)
+            .arg("revert")
             .arg(millis(self.timings.tombstone_ttl))
-            .arg(if only_overdue { "1" } else { "0" })
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(if only_overdue { "1" } else { "0" });
+        let reply = self.eval(&self.scripts.settle, &cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "ok" => Ok(true),
@@ -952,6 +1012,44 @@ pub struct ExtendCall<'a> {
 
 fn ms_or_zero(t: Option<DateTime<Utc>>) -> i64 {
     t.map_or(0, |t| t.timestamp_millis())
+}
+
+/// Takes whatever holds are queued, groups them by tenant and finalizes
+/// each group with one script call (a call's keys all live in the tenant's
+/// slot). Stops when every `HotStore` clone is gone.
+async fn run_finalizer(store: HotStore, mut queue: tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
+    const MAX_BATCH: usize = 256;
+    let mut batch: Vec<(String, String)> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        batch.sort_unstable();
+        for group in batch.chunk_by(|a, b| a.0 == b.0) {
+            let holds: Vec<&str> = group.iter().map(|(_, h)| h.as_str()).collect();
+            if let Err(e) = store.finalize_many(&group[0].0, &holds).await {
+                tracing::debug!(error = %e, holds = holds.len(), "finalize deferred to the reaper");
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// The hold id of a Reserve: derived from the tenant and the idempotency
+/// key, so that the hold hash is also the Reserve's idempotency record (one
+/// key, no second record). A UUID of version 8 (custom), unlike the
+/// time-ordered version 7 ids of events and charge holds.
+pub fn reserve_hold_id(tenant: &str, idempotency_key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"creditd reserve hold\x1f");
+    hasher.update(tenant.as_bytes());
+    hasher.update([0x1f]);
+    hasher.update(idempotency_key.as_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
 }
 
 fn millis(d: Duration) -> u64 {

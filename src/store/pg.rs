@@ -820,41 +820,72 @@ impl PgStore {
     /// idempotency key is already stored is not written; the stored one is
     /// returned instead.
     pub async fn insert_events(&self, events: &[NewEvent]) -> PgResult<Vec<Inserted>> {
-        let rows: Vec<serde_json::Value> = events
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "event_id": e.event_id,
-                    "tenant_id": e.tenant_id,
-                    "account_id": e.account_id,
-                    "reservation_id": e.reservation_id,
-                    "kind": e.kind(),
-                    "idempotency_key": e.idempotency_key,
-                    "payload_hash": e.payload_hash,
-                    "amount": e.amount.to_string(),
-                    "held": e.held.to_string(),
-                    "overdraft": e.overdraft.to_string(),
-                    "draws": e.draws.iter().map(|(a, c)| serde_json::json!({"account": a, "amount": c.to_string()})).collect::<Vec<_>>(),
-                    "labels": e.labels,
-                    "hot_epoch": e.hot_epoch,
-                    "recorded_at": e.recorded_at,
-                    "price_version": e.price_version,
-                    "line_items": e.line_items,
-                })
-            })
-            .collect();
+        // One array per column (binary parameters, no JSON document to
+        // build and parse); jsonb columns travel as text.
+        let n = events.len();
+        let mut event_id = Vec::with_capacity(n);
+        let mut tenant_id = Vec::with_capacity(n);
+        let mut account_id = Vec::with_capacity(n);
+        let mut reservation_id = Vec::with_capacity(n);
+        let mut kind = Vec::with_capacity(n);
+        let mut idempotency_key = Vec::with_capacity(n);
+        let mut payload_hash = Vec::with_capacity(n);
+        let mut amount = Vec::with_capacity(n);
+        let mut held = Vec::with_capacity(n);
+        let mut overdraft = Vec::with_capacity(n);
+        let mut draws = Vec::with_capacity(n);
+        let mut labels = Vec::with_capacity(n);
+        let mut hot_epoch = Vec::with_capacity(n);
+        let mut recorded_at = Vec::with_capacity(n);
+        let mut price_version = Vec::with_capacity(n);
+        let mut line_items = Vec::with_capacity(n);
+        for e in events {
+            event_id.push(e.event_id);
+            tenant_id.push(e.tenant_id.as_str());
+            account_id.push(e.account_id.as_str());
+            reservation_id.push(e.reservation_id);
+            kind.push(e.kind());
+            idempotency_key.push(e.idempotency_key.as_str());
+            payload_hash.push(e.payload_hash.as_str());
+            amount.push(e.amount.to_decimal());
+            held.push(e.held.to_decimal());
+            overdraft.push(e.overdraft.to_decimal());
+            draws.push(draws_json(&e.draws));
+            labels.push(e.labels.to_string());
+            hot_epoch.push(e.hot_epoch.as_str());
+            recorded_at.push(e.recorded_at);
+            price_version.push(e.price_version.as_deref());
+            line_items.push(e.line_items.as_ref().map(|l| l.to_string()));
+        }
         let written: Vec<Uuid> = sqlx::query_scalar(
             "INSERT INTO usage_events (event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, \
                payload_hash, amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items) \
              SELECT event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
-               amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items \
-             FROM jsonb_to_recordset($1) AS r(event_id uuid, tenant_id text, account_id text, reservation_id uuid, \
-               kind text, idempotency_key text, payload_hash text, amount numeric, held numeric, overdraft numeric, \
-               draws jsonb, labels jsonb, hot_epoch text, recorded_at timestamptz, price_version text, \
-               line_items jsonb) \
+               amount, held, overdraft, draws::jsonb, labels::jsonb, hot_epoch, recorded_at, price_version, \
+               line_items::jsonb \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[], \
+               $8::numeric[], $9::numeric[], $10::numeric[], $11::text[], $12::text[], $13::text[], \
+               $14::timestamptz[], $15::text[], $16::text[]) \
+               AS r(event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
+                 amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items) \
              ON CONFLICT DO NOTHING RETURNING event_id",
         )
-        .bind(serde_json::Value::Array(rows))
+        .bind(&event_id)
+        .bind(&tenant_id)
+        .bind(&account_id)
+        .bind(&reservation_id)
+        .bind(&kind)
+        .bind(&idempotency_key)
+        .bind(&payload_hash)
+        .bind(&amount)
+        .bind(&held)
+        .bind(&overdraft)
+        .bind(&draws)
+        .bind(&labels)
+        .bind(&hot_epoch)
+        .bind(&recorded_at)
+        .bind(&price_version)
+        .bind(&line_items)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(events.len());
@@ -1435,6 +1466,13 @@ pub(crate) async fn allocate_pending(tx: &mut Transaction<'_, Postgres>, tenant:
             .await?;
     }
     Ok(ids.len() as u64)
+}
+
+/// A usage event's draws as stored: `[{"account": id, "amount": "1.5"}]`.
+fn draws_json(draws: &[(String, Credits)]) -> String {
+    let list: Vec<serde_json::Value> =
+        draws.iter().map(|(a, c)| serde_json::json!({"account": a, "amount": c.to_string()})).collect();
+    serde_json::Value::Array(list).to_string()
 }
 
 pub(crate) fn account_row(r: sqlx::postgres::PgRow) -> PgResult<AccountRow> {
