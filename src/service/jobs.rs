@@ -43,6 +43,15 @@ pub struct JobTimings {
     pub repair: bool,
 }
 
+/// What a call to `Engine::rebuild` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rebuilt {
+    /// The tenant is loaded (rebuilt now, or already by another replica).
+    Done,
+    /// Another replica holds the rebuild lock: its work is under way.
+    Elsewhere,
+}
+
 /// Serving status, as the health job sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Serving {
@@ -256,9 +265,16 @@ impl Engine {
                 Ok(true) => {}
                 Ok(false) => {
                     publish(status, Serving::No);
-                    if let Err(e) = self.rebuild(&tenant, self.limits.rebuild_settle).await {
-                        tracing::warn!(error = %e, tenant = %tenant, "rebuild failed");
-                        return Serving::No;
+                    match self.rebuild(&tenant, self.limits.rebuild_settle).await {
+                        Ok(Rebuilt::Done) => {}
+                        Ok(Rebuilt::Elsewhere) => {
+                            tracing::debug!(tenant = %tenant, "another replica is rebuilding the tenant");
+                            return Serving::No;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, tenant = %tenant, "rebuild failed");
+                            return Serving::No;
+                        }
                     }
                 }
                 Err(e) => {
@@ -271,20 +287,31 @@ impl Engine {
     }
 
     /// Recomputes one tenant's hot state from PostgreSQL. Replicas
-    /// serialize on an advisory lock; the second finds the work done.
+    /// serialize on an advisory lock: one that finds it taken answers
+    /// `Elsewhere` at once (its next health pass looks again), one that
+    /// gets it after the work was done finds the tenant loaded.
     ///
     /// `settle` is how long to wait between unloading and reading
     /// PostgreSQL: commits prepared in Redis before it was lost may still
     /// be writing their events, and the wait (longer than a statement can
     /// take) lets them land before the snapshot.
-    pub async fn rebuild(&self, tenant: &str, settle: Duration) -> Result<()> {
+    pub async fn rebuild(&self, tenant: &str, settle: Duration) -> Result<Rebuilt> {
         let mut lock = self.pg.pool().begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('creditd.rebuild.' || $1, 0))")
-            .bind(tenant)
-            .execute(&mut *lock)
-            .await?;
+        // The lock's transaction idles while the settle wait and the
+        // snapshot run (the snapshot has its own, longer timeout): the
+        // session's idle-in-transaction limit must not end it, or a second
+        // replica could start the same rebuild meanwhile.
+        sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '15min'").execute(&mut *lock).await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended('creditd.rebuild.' || $1, 0))")
+                .bind(tenant)
+                .fetch_one(&mut *lock)
+                .await?;
+        if !locked {
+            return Ok(Rebuilt::Elsewhere);
+        }
         if self.hot.is_loaded(tenant).await? {
-            return Ok(());
+            return Ok(Rebuilt::Done);
         }
         // Unload first: from here on no script changes the tenant, and every
         // change already made is in PostgreSQL (it is written first).
@@ -313,6 +340,6 @@ impl Engine {
         lock.commit().await?;
         tracing::info!(tenant, accounts = accounts.len(), epoch = %epoch, "hot state rebuilt from postgres");
         metrics().rebuilds.inc();
-        Ok(())
+        Ok(Rebuilt::Done)
     }
 }
