@@ -135,7 +135,7 @@ def hold(i):
 
 
 def reserve_call(i):
-    return ("EVALSHA", reserve, 4, P + "epoch", P + f"a:u{i % 100}", P + "holds", P + "h:" + hold(i),
+    return ("EVALSHA", reserve, 5, P + "epoch", P + f"a:u{i % 100}", P + "holds", P + f"i:r:r{i}", P + "h:" + hold(i),
             P, 1000, 1800000, f"ph{i}", hold(i), 86400000, "reserve", "", 8, "")
 
 
@@ -156,4 +156,5 @@ phase("Reserve replay", N, reserve_call)
 phase("Commit replay", N, commit_call)
 print(f"keys after {N} committed pairs: {call('DBSIZE')}; "
       f"hold tombstone {call('MEMORY', 'USAGE', P + 'h:' + hold(5))} B, "
+      f"reserve record {call('MEMORY', 'USAGE', P + 'i:r:r5')} B, "
       f"commit record {call('MEMORY', 'USAGE', P + 'i:c:c5')} B (MEMORY USAGE)")

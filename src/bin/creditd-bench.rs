@@ -1474,6 +1474,7 @@ async fn measure_footprint(
         .into_inner()
         .reservation_id;
     let hold_bytes = redis_memory_usage(redis_conn, &keys.hold(&rid)).await;
+    let idem_bytes = redis_memory_usage(redis_conn, &keys.idempotency('r', &probe_r)).await;
     let account_bytes = redis_memory_usage(redis_conn, &keys.account(&probe.account)).await;
 
     log("footprint: PostgreSQL rows and bytes per committed event");
@@ -1519,6 +1520,7 @@ async fn measure_footprint(
         "redis_bytes_per_active_hold": per_hold,
         "redis_keys_per_active_hold": round2((k1 - k0) as f64 / holds.ops.max(1) as f64),
         "redis_sample_hold_hash_bytes": hold_bytes,
+        "redis_sample_reserve_idempotency_bytes": idem_bytes,
         "redis_sample_user_account_bytes": account_bytes,
         "committed_pairs": pairs.ops,
         "commit_errors": pairs.errors,
@@ -1779,10 +1781,11 @@ fn markdown(r: &Value) -> String {
         let rows = [
             ("Redis bytes per active hold: data + key tables (used_memory)", "redis_bytes_per_active_hold"),
             ("Redis keys per active hold", "redis_keys_per_active_hold"),
-            ("sample hold hash, also the Reserve's idempotency record (MEMORY USAGE)", "redis_sample_hold_hash_bytes"),
+            ("sample hold hash (MEMORY USAGE)", "redis_sample_hold_hash_bytes"),
+            ("sample Reserve idempotency record (MEMORY USAGE)", "redis_sample_reserve_idempotency_bytes"),
             ("sample user account hash (MEMORY USAGE)", "redis_sample_user_account_bytes"),
             (
-                "Redis bytes kept 24 h per committed pair (hold tombstone, Commit idempotency record)",
+                "Redis bytes kept 24 h per committed pair (tombstone, two idempotency records)",
                 "redis_bytes_per_committed_pair",
             ),
             ("Redis keys kept per committed pair", "redis_keys_per_committed_pair"),

@@ -9,11 +9,11 @@
 --                    s suspended '1'/'0', pe period end (ms since epoch, 0 =
 --                    none), ra when a recurring allowance next renews (ms,
 --                    0 = none)
---   P h:<hold>       hash: the hold (see reserve.lua), also the Reserve's
---                    idempotency record (its id derives from the key), and
---                    what its commit decided (see commit.lua)
+--   P h:<hold>       hash: the hold (see reserve.lua), and what its commit
+--                    decided (see commit.lua)
 --   P holds          zset: active hold id -> expiry ms
 --   P committing     zset: hold id -> deadline ms for its PostgreSQL write
+--   P i:r:<key>      string: Reserve idempotency record (see reserve.lua)
 --   P i:c:<key>, P i:g:<key>
 --                    string: Commit / Charge idempotency record
 --                    "<payload hash>,<hold id>" (see commit.lua)

@@ -351,14 +351,16 @@ impl HotStore {
     /// Reserve (with an idempotency key) or Authorize (without).
     pub async fn reserve(&self, tenant: &str, call: &ReserveCall<'_>) -> HotResult<Reserved> {
         let keys = self.keys(tenant);
-        let (mode, hold_id) = match call.idempotency_key {
-            Some(key) => ("reserve", reserve_hold_id(tenant, key)),
-            None => ("authorize", String::new()),
+        let hold_id = uuid::Uuid::now_v7().to_string();
+        let (mode, idem) = match call.idempotency_key {
+            Some(key) => ("reserve", keys.idempotency('r', key)),
+            None => ("authorize", keys.idempotency('r', "")),
         };
-        let mut cmd = self.scripts.reserve.call(4);
+        let mut cmd = self.scripts.reserve.call(5);
         cmd.arg(keys.epoch())
             .arg(keys.account(call.subject))
             .arg(keys.holds())
+            .arg(idem)
             .arg(keys.hold(&hold_id))
             .arg(keys.prefix())
             .arg(call.amount.micros())
@@ -910,23 +912,6 @@ async fn run_finalizer(store: HotStore, mut queue: tokio::sync::mpsc::UnboundedR
         }
         batch.clear();
     }
-}
-
-/// The hold id of a Reserve: derived from the tenant and the idempotency
-/// key, so that the hold hash is also the Reserve's idempotency record (one
-/// key, no second record). A UUID of version 8 (custom), unlike the
-/// time-ordered version 7 ids of events and charge holds.
-pub fn reserve_hold_id(tenant: &str, idempotency_key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(b"creditd reserve hold\x1f");
-    hasher.update(tenant.as_bytes());
-    hasher.update([0x1f]);
-    hasher.update(idempotency_key.as_bytes());
-    let digest = hasher.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
 }
 
 fn millis(d: Duration) -> u64 {
