@@ -25,13 +25,14 @@ use prometheus_client::{
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
-    /// `<package.Service>/<Method>`, e.g. `creditd.v1.CreditService/Reserve`.
-    pub method: String,
+    /// `<package.Service>/<Method>`, e.g. `creditd.v1.CreditService/Reserve`
+    /// (a fixed set: see `grpc::observe`).
+    pub method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcCodeLabels {
-    pub method: String,
+    pub method: &'static str,
     /// The gRPC status code name, e.g. `OK`, `UNAVAILABLE`.
     pub code: &'static str,
 }
@@ -245,9 +246,8 @@ impl Metrics {
         self.decisions.get_or_create(&DecisionLabels { call, decision }).inc();
     }
 
-    pub fn rpc(&self, method: &str, code: &'static str, elapsed: Duration) {
-        let method = method.to_string();
-        self.rpc_duration.get_or_create(&RpcLabels { method: method.clone() }).observe(elapsed.as_secs_f64());
+    pub fn rpc(&self, method: &'static str, code: &'static str, elapsed: Duration) {
+        self.rpc_duration.get_or_create(&RpcLabels { method }).observe(elapsed.as_secs_f64());
         self.rpc_total.get_or_create(&RpcCodeLabels { method, code }).inc();
     }
 }

@@ -101,7 +101,7 @@ impl CreditService for CreditApi {
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
             labels: convert::labels(r.labels)?,
         };
-        record("reservation", &input.reservation_id.to_string());
+        record("reservation", input.reservation_id);
         let recorded = self.engine.commit(&tenant, &input).await?;
         if !recorded.replayed {
             metrics().hold_ended(HoldEnd::committed, 1);
@@ -116,7 +116,7 @@ impl CreditService for CreditApi {
             reservation_id: convert::reservation_id(&r.reservation_id)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
         };
-        record("reservation", &input.reservation_id.to_string());
+        record("reservation", input.reservation_id);
         let released = self.engine.release(&tenant, &input).await?;
         if !released.replayed {
             metrics().hold_ended(HoldEnd::released, 1);
@@ -142,7 +142,7 @@ impl CreditService for CreditApi {
             ttl: convert::ttl(r.ttl)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
         };
-        record("reservation", &input.reservation_id.to_string());
+        record("reservation", input.reservation_id);
         let (extended, rating) = self.engine.extend(&tenant, &input).await?;
         let mut response = convert::extend_response(&extended);
         response.rating = rating.as_ref().map(convert::rating);

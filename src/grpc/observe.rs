@@ -19,8 +19,10 @@ use tracing::{Instrument, field::Empty};
 use crate::metrics::{code_name, metrics};
 
 /// Every method this server serves, as `package.Service/Method`. Calls to
-/// anything else are counted as "other" (label values stay bounded).
-static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
+/// anything else are counted as "other" (label values stay bounded). The
+/// names live for the whole process, so a call's labels and span borrow
+/// them instead of allocating.
+static KNOWN: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
     let mut known = HashSet::new();
     for set in [crate::pb::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
         let Ok(set) = prost_types::FileDescriptorSet::decode(set) else { continue };
@@ -29,21 +31,22 @@ static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
             for service in file.service {
                 let name = service.name.unwrap_or_default();
                 for method in service.method {
-                    known.insert(format!("{package}.{name}/{}", method.name.unwrap_or_default()));
+                    let path = format!("{package}.{name}/{}", method.name.unwrap_or_default());
+                    known.insert(&*Box::leak(path.into_boxed_str()));
                 }
             }
         }
     }
     for reflection in ["grpc.reflection.v1", "grpc.reflection.v1alpha"] {
-        known.insert(format!("{reflection}.ServerReflection/ServerReflectionInfo"));
+        known.insert(&*Box::leak(format!("{reflection}.ServerReflection/ServerReflectionInfo").into_boxed_str()));
     }
     known
 });
 
 /// Records `value` as `field` of the current call's span (`tenant`,
 /// `account`, `reservation`).
-pub fn record(field: &'static str, value: &str) {
-    tracing::Span::current().record(field, value);
+pub fn record(field: &'static str, value: impl std::fmt::Display) {
+    tracing::Span::current().record(field, tracing::field::display(value));
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -77,7 +80,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> <Self as tower::Service<http::Request<B>>>::Future {
         let path = request.uri().path().trim_start_matches('/');
-        let method = if KNOWN.contains(path) { path.to_string() } else { "other".to_string() };
+        let method: &'static str = KNOWN.get(path).copied().unwrap_or("other");
         let span = tracing::info_span!("rpc", method = %method, tenant = Empty, account = Empty, reservation = Empty);
         let start = Instant::now();
         let future = {
@@ -98,7 +101,7 @@ where
                         .map_or("OK", |c| code_name(tonic::Code::from_i32(c))),
                     Err(_) => "UNKNOWN",
                 };
-                metrics().rpc(&method, code, start.elapsed());
+                metrics().rpc(method, code, start.elapsed());
                 result
             }
             .instrument(span),
