@@ -159,5 +159,12 @@ async fn decisions_and_errors_are_counted_by_reason() {
             .is_some_and(|v| v >= 1.0),
         "{body}"
     );
-    assert!(body.contains("# TYPE creditd_holds_active gauge"));
+    // The reaper (every 50 ms here) sets the tenant's active-hold gauge; a
+    // family shows in the exposition once it has a sample.
+    let tenant_gauge = format!("creditd_holds_active{{tenant=\"{TENANT}\"}} ");
+    eventually(Duration::from_secs(5), || async {
+        let body = http_get(addr, "/metrics").await.1;
+        body.contains("# TYPE creditd_holds_active gauge") && body.contains(&tenant_gauge)
+    })
+    .await;
 }
