@@ -253,6 +253,10 @@ impl Config {
                 return invalid("log.otlp_endpoint", "must be empty or an http:// or https:// URL");
             }
         }
+        if self.hot.tombstone_ttl < self.hot.idempotency_ttl {
+            // Commit and Charge replays are answered from the settled hold.
+            return invalid("hot.tombstone_ttl", "must be at least hot.idempotency_ttl");
+        }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return invalid("metrics.listen", "must be empty or an address like 0.0.0.0:9090");
         }

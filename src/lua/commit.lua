@@ -63,6 +63,10 @@ elseif rec then
     return { 'prepared', '1', rid, f[9], f[2], f[7], fmt(released), f[10], f[4], f[8], f[5] or '',
       f[11], f[12], f[3], f[6] }
   end
+  -- The record outlived its hold: the usage was recorded (a reverted
+  -- commit's record is deleted with the revert), so the service answers
+  -- from PostgreSQL; running the charge again would charge twice.
+  return { 'no_hold' }
 end
 
 local now = now_ms()

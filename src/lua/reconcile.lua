@@ -3,7 +3,8 @@
 -- for comparison with PostgreSQL (service/reconcile.rs).
 --
 -- KEYS[1] P epoch   KEYS[2] P committing
--- ARGV[1] P   ARGV[2] number of accounts N   ARGV[3 .. 2+N] account ids
+-- ARGV[1] P   ARGV[2] number of accounts N, negative to skip the
+-- committing holds (H is then 0)   ARGV[3 .. 2+N] account ids
 -- ARGV[3+N ..] ledger row ids whose markers to test
 --
 -- Reply (flat, every value a string):
@@ -15,7 +16,8 @@ local prefix = ARGV[1]
 local n = tonumber(ARGV[2])
 local reply = { redis.call('GET', KEYS[1]) or '' }
 
-local holds = redis.call('ZRANGE', KEYS[2], 0, -1)
+local holds = {}
+if n < 0 then n = -n else holds = redis.call('ZRANGE', KEYS[2], 0, -1) end
 reply[#reply + 1] = fmt(#holds)
 for _, id in ipairs(holds) do
   local f = redis.call('HMGET', prefix .. 'h:' .. id, 'dc', 'ch')

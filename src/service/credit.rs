@@ -224,7 +224,22 @@ impl Engine {
             payload_hash: &hash,
             event_id: &event_id,
         };
-        let prepared = self.hot.commit(tenant, &call).await.map_err(|e| self.account_error(e, &input.subject))?;
+        let prepared = match self.hot.commit(tenant, &call).await {
+            Ok(prepared) => prepared,
+            // Redis keeps the key's record but no longer the charge it
+            // points at: the charge is in PostgreSQL.
+            Err(HotError::NoHold) => {
+                return self
+                    .recorded_from_history(tenant, "charge", &input.idempotency_key, &hash, || {
+                        Error::internal(format!(
+                            "charge {}: an idempotency record without its charge in Redis or PostgreSQL",
+                            input.idempotency_key
+                        ))
+                    })
+                    .await;
+            }
+            Err(e) => return Err(self.account_error(e, &input.subject)),
+        };
         let durable = Durable { reservation_id: None, key: &input.idempotency_key, hash: &hash };
         self.make_durable(tenant, prepared, durable, input.labels.clone(), rating).await
     }

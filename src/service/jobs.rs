@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::{Engine, admin::hot_settings};
 use crate::{
     domain::Credits,
-    error::Result,
+    error::{Error, Result},
     metrics::{HoldEnd, TenantLabels, metrics},
     store::{
         hot::AccountCounters,
@@ -328,7 +328,10 @@ impl Engine {
             let counters = AccountCounters {
                 balance,
                 used: snapshot.usage.get(&a.account_id).copied().unwrap_or_default(),
-                period_credits: balance.max(Credits::ZERO).checked_add(drawn).unwrap_or(balance),
+                period_credits: balance
+                    .max(Credits::ZERO)
+                    .checked_add(drawn)
+                    .ok_or_else(|| Error::internal(format!("account {}: period credits overflow", a.account_id)))?,
                 fired: snapshot.fired.get(&a.account_id).cloned().unwrap_or_default(),
             };
             let has_allowance = snapshot.with_allowance.contains(&a.account_id);

@@ -786,10 +786,19 @@ impl HotStore {
 
     /// Reads, atomically, `accounts`' counters, the holds committing, and
     /// whether the ledger rows `markers` were applied (see reconcile.lua).
-    pub async fn reconcile_read(&self, tenant: &str, accounts: &[String], markers: &[i64]) -> HotResult<HotCut> {
+    /// `with_holds` false skips the committing holds (`HotCut::committing`
+    /// is then empty).
+    pub async fn reconcile_read(
+        &self,
+        tenant: &str,
+        accounts: &[String],
+        markers: &[i64],
+        with_holds: bool,
+    ) -> HotResult<HotCut> {
         let keys = self.keys(tenant);
         let mut invocation = self.scripts.reconcile.key(keys.epoch());
-        invocation.key(keys.committing()).arg(keys.prefix()).arg(accounts.len());
+        let n = i64::try_from(accounts.len()).map_err(|_| HotError::Protocol("too many accounts".into()))?;
+        invocation.key(keys.committing()).arg(keys.prefix()).arg(if with_holds { n } else { -n });
         for a in accounts {
             invocation.arg(a);
         }

@@ -235,7 +235,6 @@ pub struct TenantSnapshot {
 /// The reconciler's view of one tenant in PostgreSQL (`ledger_view`).
 #[derive(Clone, Debug)]
 pub struct LedgerView {
-    pub accounts: Vec<String>,
     /// Σ ledger − unallocated draws, per account (absent: zero).
     pub balances: HashMap<String, Credits>,
     /// Ledger rows not yet marked applied to Redis.
@@ -934,19 +933,12 @@ impl PgStore {
         row.map(event_row).transpose()
     }
 
-    /// Of these hold ids, the ones whose usage event is stored (a commit's
-    /// event names its reservation; a charge's event has the hold's id).
-    /// What the reconciler compares Redis with, from one snapshot: every
-    /// account's ledger balance, the ledger rows not yet marked applied,
+    /// What the reconciler compares Redis with, from one snapshot: the
+    /// accounts' ledger balances, the ledger rows not yet marked applied,
     /// and which of `holds` (reservation or charge ids) have a usage event.
     pub async fn ledger_view(&self, tenant: &str, holds: &[Uuid]) -> PgResult<LedgerView> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let accounts: Vec<String> =
-            sqlx::query_scalar("SELECT account_id FROM accounts WHERE tenant_id = $1 ORDER BY account_id")
-                .bind(tenant)
-                .fetch_all(&mut *tx)
-                .await?;
         let balances = ledger_balances(&mut tx, tenant).await?;
         let rows: Vec<(i64, String, String, Decimal)> = sqlx::query_as(
             "SELECT entry_id, tenant_id, account_id, amount FROM ledger WHERE tenant_id = $1 AND NOT applied",
@@ -960,27 +952,23 @@ impl PgStore {
                 Ok(PendingEntry { entry_id, tenant_id, account_id, amount: credits(amount)? })
             })
             .collect::<PgResult<Vec<_>>>()?;
-        let durable: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT COALESCE(reservation_id, event_id) FROM usage_events \
-             WHERE tenant_id = $1 AND (reservation_id = ANY($2) OR event_id = ANY($2))",
-        )
-        .bind(tenant)
-        .bind(holds)
-        .fetch_all(&mut *tx)
-        .await?;
+        let durable = holds_with_events(&mut *tx, tenant, holds).await?;
         tx.commit().await?;
-        Ok(LedgerView { accounts, balances, unapplied, durable: durable.into_iter().collect() })
+        Ok(LedgerView { balances, unapplied, durable: durable.into_iter().collect() })
     }
 
+    /// Every account id of the tenant, in order.
+    pub async fn account_ids(&self, tenant: &str) -> PgResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT account_id FROM accounts WHERE tenant_id = $1 ORDER BY account_id")
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Of these hold ids, the ones whose usage event is stored (a commit's
+    /// event names its reservation; a charge's event has the hold's id).
     pub async fn holds_with_events(&self, tenant: &str, holds: &[Uuid]) -> PgResult<Vec<Uuid>> {
-        Ok(sqlx::query_scalar(
-            "SELECT COALESCE(reservation_id, event_id) FROM usage_events \
-             WHERE tenant_id = $1 AND (reservation_id = ANY($2) OR event_id = ANY($2))",
-        )
-        .bind(tenant)
-        .bind(holds)
-        .fetch_all(&self.pool)
-        .await?)
+        holds_with_events(&self.pool, tenant, holds).await
     }
 
     /// Σ ledger of an account (its credits, as far as allocated).
@@ -1253,6 +1241,21 @@ pub struct AccountUpdate {
     pub suspended: Option<bool>,
     pub display_name: Option<String>,
     pub tier: Option<String>,
+}
+
+async fn holds_with_events<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    tenant: &str,
+    holds: &[Uuid],
+) -> PgResult<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT COALESCE(reservation_id, event_id) FROM usage_events \
+         WHERE tenant_id = $1 AND (reservation_id = ANY($2) OR event_id = ANY($2))",
+    )
+    .bind(tenant)
+    .bind(holds)
+    .fetch_all(executor)
+    .await?)
 }
 
 /// Σ ledger − draws of usage not yet allocated, per account (accounts

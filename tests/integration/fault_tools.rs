@@ -725,6 +725,7 @@ pub async fn audit(app: &TestApp, acked: &[Acked]) -> Audit {
         .into_inner();
     assert!(report.accounts_checked > 0);
     assert!(report.drifts.is_empty(), "Redis differs from PostgreSQL: {:?}", report.drifts);
+    assert!(report.busy_accounts.is_empty(), "accounts not judged after the load: {:?}", report.busy_accounts);
     Audit { events, used: used.unwrap_or_default() }
 }
 

@@ -812,3 +812,41 @@ async fn concurrent_voids_of_two_grants_under_one_key() {
     assert_reused(lost);
     assert_eq!(app.available("solo").await, left);
 }
+
+#[tokio::test]
+async fn a_charge_replayed_after_its_hold_left_redis_is_answered_not_charged_again() {
+    let app = org().await;
+    let first = charge_in(&app, TENANT, "bob", "7", "charge-evicted").await;
+    assert_eq!(app.available("bob").await, "93");
+    // The settled charge's hash goes (eviction, or a tombstone shorter
+    // than the record); its idempotency record stays.
+    let mut redis = app.backends.redis().await;
+    let hold = format!("{}{{t:{TENANT}}}:h:{}", app.backends.key_prefix, first.event_id);
+    let record = format!("{}{{t:{TENANT}}}:i:g:charge-evicted", app.backends.key_prefix);
+    eventually(Duration::from_secs(5), || {
+        let mut redis = redis.clone();
+        let hold = hold.clone();
+        async move {
+            let st: Option<String> = redis::cmd("HGET").arg(&hold).arg("st").query_async(&mut redis).await.unwrap();
+            st.as_deref() == Some("committed")
+        }
+    })
+    .await;
+    let removed: i64 = redis::cmd("DEL").arg(&hold).query_async(&mut redis).await.unwrap();
+    assert_eq!(removed, 1);
+    let kept: i64 = redis::cmd("EXISTS").arg(&record).query_async(&mut redis).await.unwrap();
+    assert_eq!(kept, 1, "the record is still there");
+
+    let again = charge_in(&app, TENANT, "bob", "7", "charge-evicted").await;
+    assert!(again.replayed);
+    assert_eq!(again.event_id, first.event_id);
+    assert_eq!(app.available("bob").await, "93", "charged once");
+    assert_eq!(usage_events(&app, TENANT).await, 1);
+    // Not even charged and taken back: no second charge hold was made.
+    let holds: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}{{t:{TENANT}}}:h:*", app.backends.key_prefix).replace('{', "\\{").replace('}', "\\}"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(holds.is_empty(), "a replay ran the charge again: {holds:?}");
+}
