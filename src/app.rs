@@ -3,7 +3,7 @@
 //! works: tests read `local_addr`). `serve` runs until the shutdown future
 //! resolves, then drains in-flight calls for up to the grace period.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
@@ -111,6 +111,7 @@ impl App {
         let hot = HotStore::connect(
             &config.redis.url,
             config.redis.cluster,
+            &config.redis.sentinel_master,
             config.redis.key_prefix.clone(),
             config.hot.max_depth,
             HotTimings {
@@ -136,10 +137,9 @@ impl App {
                 default_ttl: config.hot.default_ttl,
                 min_ttl: config.hot.min_ttl,
                 max_ttl: config.hot.max_ttl,
-                rebuild_settle: config.postgres.statement_timeout * 2,
             },
             tenants: Tenants::default(),
-            rebuild_wanted: Arc::new(tokio::sync::Notify::new()),
+            recovery: Default::default(),
         };
         if config.pricing.load_default_catalog {
             let catalog = default_catalog(&config)?;

@@ -80,6 +80,10 @@ pub struct RedisConfig {
     pub url: String,
     /// Redis Cluster mode.
     pub cluster: bool,
+    /// With a name: `url` lists Redis Sentinels (comma-separated) and the
+    /// primary is the one they name so, followed across failovers.
+    #[serde(default)]
+    pub sentinel_master: String,
     /// Namespace of every key.
     pub key_prefix: String,
     /// Per-call timeout: past it the hot path fails closed.

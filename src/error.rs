@@ -42,6 +42,7 @@ pub enum Reason {
     NoPrice,
     InvalidPrice,
     BackendUnavailable,
+    TenantLoading,
     AllowanceNotFound,
     ChangeNotFound,
     ChangeDecided,
@@ -57,6 +58,7 @@ pub enum Reason {
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::TenantLoading => "TENANT_LOADING",
             Reason::InvalidAmount => "INVALID_AMOUNT",
             Reason::InvalidTtl => "INVALID_TTL",
             Reason::InvalidIdempotencyKey => "INVALID_IDEMPOTENCY_KEY",
@@ -120,6 +122,10 @@ pub enum Error {
     /// is safe. The source goes to the log only.
     #[error("a backend is unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The tenant's hot state is being rebuilt from PostgreSQL (Redis lost
+    /// it, or was found behind); nothing changed, retrying is safe.
+    #[error("the tenant's hot state is being rebuilt")]
+    Loading,
     /// A bug or corrupted state. The source goes to the log only.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -203,6 +209,7 @@ impl From<HotError> for Error {
             HotError::AccountNotFound => Error::NotFound(Reason::AccountNotFound, "account not found".into()),
             HotError::NoHold => Error::NotFound(Reason::ReservationNotFound, "reservation not found".into()),
             HotError::TooDeep => Error::invalid("account_id", Reason::TreeTooDeep, "is in a tree deeper than allowed"),
+            HotError::NotLoaded => Error::Loading,
             e if e.is_transient() => {
                 if matches!(e, HotError::Redis(_)) {
                     metrics().store_error(Store::redis, true);

@@ -121,6 +121,8 @@ pub struct Metrics {
     pub commit_write: Histogram,
     pub store_errors: Family<StoreErrorLabels, Counter>,
     pub rebuilds: Counter,
+    pub fence_behind: Counter,
+    pub tenants_loading: Gauge,
     pub drift_accounts: Family<TenantLabels, Gauge>,
     pub drift_credits: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     pub drift_found: Counter,
@@ -176,6 +178,18 @@ impl Metrics {
         registry.register("store_errors", "Errors from Redis and PostgreSQL, by kind", store_errors.clone());
         let rebuilds = Counter::default();
         registry.register("rebuilds", "Tenant hot states rebuilt from PostgreSQL by this replica", rebuilds.clone());
+        let fence_behind = Counter::default();
+        registry.register(
+            "fence_behind",
+            "Tenant hot states found behind PostgreSQL (Redis lost or rolled back writes) and rebuilt",
+            fence_behind.clone(),
+        );
+        let tenants_loading = Gauge::default();
+        registry.register(
+            "tenants_loading",
+            "Tenants whose hot state this replica is rebuilding or has queued for a rebuild",
+            tenants_loading.clone(),
+        );
         let drift_accounts = Family::<TenantLabels, Gauge>::default();
         registry.register(
             "drift_accounts",
@@ -215,6 +229,8 @@ impl Metrics {
             commit_write,
             store_errors,
             rebuilds,
+            fence_behind,
+            tenants_loading,
             drift_accounts,
             drift_credits,
             drift_found,

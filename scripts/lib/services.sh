@@ -123,6 +123,17 @@ ensure_packages() {
         unset _CREDITD_PG_BINDIR
         _svc_have_services || _svc_die "PostgreSQL/Redis binaries still missing after apt-get install"
     fi
+    # The failover tests run real Sentinels (redis-server's sentinel mode,
+    # packaged as redis-sentinel).
+    if ! command -v redis-sentinel >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        _svc_log "redis-sentinel not found; installing it via apt-get"
+        local -a sudo2=()
+        _svc_is_root || sudo2=(sudo -n)
+        "${sudo2[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-sentinel </dev/null ||
+            { "${sudo2[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update </dev/null &&
+              "${sudo2[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-sentinel </dev/null; } ||
+            _svc_log "redis-sentinel could not be installed; the tests fall back to redis-server --sentinel"
+    fi
     if _svc_is_root && ! id -u postgres >/dev/null 2>&1; then
         _svc_log "creating system user 'postgres'"
         useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/bash postgres

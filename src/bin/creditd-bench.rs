@@ -1230,6 +1230,7 @@ async fn run(args: Args) -> AnyResult<()> {
     let hot_store = HotStore::connect(
         &args.redis_url,
         false,
+        "",
         args.redis_prefix.clone(),
         8,
         HotTimings {

@@ -40,6 +40,13 @@ impl From<Error> for Status {
                     "a backend is unavailable; retry with the same idempotency key".into(),
                 )
             }
+            Error::Loading => status(
+                Code::Unavailable,
+                Reason::TenantLoading,
+                "the tenant's balances are being rebuilt from PostgreSQL (Redis lost them or was behind); \
+                 nothing changed; retry with the same idempotency key"
+                    .into(),
+            ),
             Error::Internal(source) => {
                 tracing::error!(error = %source, "internal error");
                 status(Code::Internal, Reason::Internal, "internal error".into())

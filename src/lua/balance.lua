@@ -1,12 +1,13 @@
 -- GetBalance: the subject's chain, read only.
 --
--- KEYS[1] P epoch   KEYS[2] P a:<subject>
+-- KEYS[1] P fence   KEYS[2] P a:<subject>
 -- ARGV[1] P   ARGV[2] max depth
 -- Reply: {'ok', available, draw length, then per account from the subject
 --   up: id, b, h, pa, cap ('' = none), u, uh, s, pe}
---   | {'not_loaded'} | {'not_found'} | {'too_deep'} | {'broken'}
+--   | {'not_loaded'} | {'unverified'} | {'not_found'} | {'too_deep'} | {'broken'}
 local prefix = ARGV[1]
-if not redis.call('GET', KEYS[1]) then return { 'not_loaded' } end
+local _, refused = fence_check(KEYS[1])
+if refused then return refused end
 local subject = string.sub(KEYS[2], string.len(prefix) + 3)
 local chain, why = load_chain(prefix, subject, tonumber(ARGV[2]))
 if not chain then return { why } end

@@ -3,7 +3,7 @@
 -- in PostgreSQL (the service then finalizes; the reaper finalizes or
 -- reverts holds whose deadline passed).
 --
--- KEYS[1] P epoch   KEYS[2] P h:<hold>   KEYS[3] P holds
+-- KEYS[1] P fence   KEYS[2] P h:<hold>   KEYS[3] P holds
 -- KEYS[4] P i:c:<key> (or i:g:<key> for Charge)   KEYS[5] P committing
 -- ARGV[1] P   ARGV[2] actual cost (micro, >= 0)   ARGV[3] payload hash
 -- ARGV[4] idempotency ttl ms   ARGV[5] deadline ms from now
@@ -23,17 +23,20 @@
 -- Replies:
 --   {'prepared', replayed, hold id, event id, subject, cost, released,
 --    overdraft, draw-chain ids csv, charged per account csv, labels,
---    recorded ms, available after, hold amount, epoch}
+--    recorded ms, available after, hold amount, fence generation,
+--    fence position, Redis process identity}
+--   The position is the fence's after this commit (a replay: now); the
+--   service confirms it in PostgreSQL with the usage event (fence.lua).
 --   {'state', st} when the hold is not active (st: committing, committed,
---    released, expired) | {'no_hold'} | {'mismatch'} | {'not_loaded'}
+--    released, expired) | {'no_hold'} | {'mismatch'} | {'not_loaded'} | {'unverified'}
 --   | {'not_found'} | {'too_deep'} | {'broken'}
 local prefix = ARGV[1]
 local cost = tonumber(ARGV[2])
 local charge = ARGV[9] == 'charge'
 local max_depth = tonumber(ARGV[8])
 
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then return { 'not_loaded' } end
+local epoch, refused = fence_check(KEYS[1])
+if not epoch then return refused end
 
 local rec = redis.call('GET', KEYS[4])
 if rec and string.byte(rec, 1) == 123 then
@@ -42,6 +45,8 @@ if rec and string.byte(rec, 1) == 123 then
   if prior.ph ~= ARGV[3] then return { 'mismatch' } end
   local r = prior.r
   r[2] = '1'
+  r[16] = fence_position(KEYS[1])
+  r[17] = own_identity()
   if redis.call('HGET', prefix .. 'h:' .. r[3], 'st') == 'committing' then
     redis.call('ZADD', KEYS[5], now_ms() + tonumber(ARGV[5]), r[3])
   end
@@ -61,7 +66,7 @@ elseif rec then
     local released = tonumber(f[3]) - tonumber(f[7])
     if released < 0 then released = 0 end
     return { 'prepared', '1', rid, f[9], f[2], f[7], fmt(released), f[10], f[4], f[8], f[5] or '',
-      f[11], f[12], f[3], f[6] }
+      f[11], f[12], f[3], f[6], fence_position(KEYS[1]), own_identity() }
   end
   -- The record outlived its hold: the usage was recorded (a reverted
   -- commit's record is deleted with the revert), so the service answers
@@ -203,4 +208,4 @@ redis.call('ZADD', KEYS[5], deadline, hold_id)
 redis.call('SET', KEYS[4], ARGV[3] .. ',' .. hold_id, 'PX', tonumber(ARGV[4]))
 
 return { 'prepared', '0', hold_id, ARGV[6], hold.sub, cost_txt, fmt(released), od_txt, hold.dc,
-  charged_txt, hold.lab, now_txt, avail_txt, fmt(hold.amt), hold.ep }
+  charged_txt, hold.lab, now_txt, avail_txt, fmt(hold.amt), hold.ep, fence_advance(KEYS[1]), own_identity() }

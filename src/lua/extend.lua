@@ -1,6 +1,6 @@
 -- Extend: grows an active hold and pushes its expiry, or says stop.
 --
--- KEYS[1] P epoch   KEYS[2] P h:<hold>   KEYS[3] P holds   KEYS[4] P i:x:<key>
+-- KEYS[1] P fence   KEYS[2] P h:<hold>   KEYS[3] P holds   KEYS[4] P i:x:<key>
 -- ARGV[1] P   ARGV[2] more (micro, >= 0)   ARGV[3] ttl ms   ARGV[4] payload hash
 -- ARGV[5] idempotency ttl ms   ARGV[6] max depth
 -- The extra amount is checked against the hold's own chains (its draw
@@ -9,11 +9,12 @@
 -- Replies: {'granted', replayed, total amount, expires ms, available after}
 --   | {'denied', replayed, reason, account, available, retry_after ms,
 --      total amount, expires ms}
---   | {'state', st} | {'no_hold'} | {'mismatch'} | {'not_loaded'} | {'broken'}
+--   | {'state', st} | {'no_hold'} | {'mismatch'} | {'not_loaded'} | {'unverified'} | {'broken'}
 local prefix = ARGV[1]
 local more = tonumber(ARGV[2])
 local max_depth = tonumber(ARGV[6])
-if not redis.call('GET', KEYS[1]) then return { 'not_loaded' } end
+local _, refused = fence_check(KEYS[1])
+if refused then return refused end
 local prior = idem_get(KEYS[4], ARGV[4])
 if prior then return prior end
 

@@ -2,7 +2,10 @@
 --
 -- Data model (all keys of one tenant share the hash tag of KEYS[1]; the
 -- prefix P ends with "{t:<tenant>}:" and is passed as ARGV[1]):
---   P epoch          string: present while the tenant's hot state is loaded
+--   P fence          hash: g generation ('' or absent while the tenant's hot
+--                    state is not loaded), n position (advanced by every change that
+--                    PostgreSQL confirms), v identity of the Redis process
+--                    that last checked it against PostgreSQL (see fence.lua)
 --   P a:<account>    hash: p parent id ('' for a root), pa pool access '1'/'0',
 --                    cap (micro, absent or '' = none), u usage committed this
 --                    period, uh usage held, b balance, h held from b,
@@ -30,6 +33,50 @@
 -- -0 as "-0", which Redis refuses as an integer. Lua numbers are doubles, exact to
 -- 2^53; the service bounds every amount far below that. Every number
 -- leaves a script as a decimal string made by fmt().
+
+-- Every script receives, as its last ARGV, the caller's identity of the
+-- Redis process it runs in ("<run_id>:<master_replid>", learned when the
+-- caller's connection was opened), or '' when the caller cannot know it
+-- (Redis Cluster: the script then asks INFO). It is removed here, so each
+-- script's own ARGV reads as its header says.
+local IDENT = table.remove(ARGV)
+
+-- The identity of the Redis process running this script.
+local function own_identity()
+  if IDENT ~= '' then return IDENT end
+  local function info(section, name)
+    local s = redis.call('INFO', section)
+    local i = string.find(s, name .. ':', 1, true)
+    if not i then return '' end
+    local j = string.find(s, '\r', i, true)
+    return string.sub(s, i + #name + 1, (j or (#s + 1)) - 1)
+  end
+  IDENT = info('server', 'run_id') .. ':' .. info('replication', 'master_replid')
+  return IDENT
+end
+
+-- The tenant's fence gate, before any read that decides: returns the
+-- generation, or nil and the reply to give. 'not_loaded': no hot state;
+-- 'unverified': this process has not been checked against PostgreSQL since
+-- it started, took over, or changed its data (a restart, a failover, a
+-- restore), so its state may be behind; the caller checks, then retries.
+local function fence_check(key)
+  local f = redis.call('HMGET', key, 'g', 'v')
+  if not f[1] or f[1] == '' then return nil, { 'not_loaded' } end
+  if f[2] ~= own_identity() then return nil, { 'unverified' } end
+  return f[1]
+end
+
+-- Advances the fence position for a change PostgreSQL will confirm, and
+-- returns the new position as text.
+local function fence_advance(key)
+  return string.format('%d', redis.call('HINCRBY', key, 'n', 1))
+end
+
+-- The current position as text.
+local function fence_position(key)
+  return redis.call('HGET', key, 'n') or '0'
+end
 
 local function now_ms()
   local t = redis.call('TIME')

@@ -2,19 +2,19 @@
 -- counters, of the commits not yet known durable, and of ledger markers,
 -- for comparison with PostgreSQL (service/reconcile.rs).
 --
--- KEYS[1] P epoch   KEYS[2] P committing
+-- KEYS[1] P fence   KEYS[2] P committing
 -- ARGV[1] P   ARGV[2] number of accounts N, negative to skip the
 -- committing holds (H is then 0)   ARGV[3 .. 2+N] account ids
 -- ARGV[3+N ..] ledger row ids whose markers to test
 --
 -- Reply (flat, every value a string):
---   epoch ('' when not loaded), number of committing holds H,
+--   fence generation ('' when not loaded or not verified), number of committing holds H,
 --   H × (hold id, draw-chain ids csv, charged per account csv),
 --   N × (b, u, pc) ('' for a field or an account that is missing),
 --   one '1'/'0' per marker asked.
 local prefix = ARGV[1]
 local n = tonumber(ARGV[2])
-local reply = { redis.call('GET', KEYS[1]) or '' }
+local reply = { fence_check(KEYS[1]) or '' }
 
 local holds = {}
 if n < 0 then n = -n else holds = redis.call('ZRANGE', KEYS[2], 0, -1) end

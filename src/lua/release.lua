@@ -1,12 +1,13 @@
 -- Release: returns an active hold's credits untouched.
 --
--- KEYS[1] P epoch   KEYS[2] P h:<hold>   KEYS[3] P holds   KEYS[4] P i:l:<key>
+-- KEYS[1] P fence   KEYS[2] P h:<hold>   KEYS[3] P holds   KEYS[4] P i:l:<key>
 -- ARGV[1] P   ARGV[2] payload hash   ARGV[3] idempotency ttl ms
 -- ARGV[4] tombstone ttl ms   ARGV[5] max depth
 -- Replies: {'released', replayed, amount, available after}
---   | {'state', st} | {'no_hold'} | {'mismatch'} | {'not_loaded'}
+--   | {'state', st} | {'no_hold'} | {'mismatch'} | {'not_loaded'} | {'unverified'}
 local prefix = ARGV[1]
-if not redis.call('GET', KEYS[1]) then return { 'not_loaded' } end
+local _, refused = fence_check(KEYS[1])
+if refused then return refused end
 local prior = idem_get(KEYS[4], ARGV[2])
 if prior then return prior end
 

@@ -1,6 +1,6 @@
 -- Reserve (or Authorize): one atomic decision over the subject's chain.
 --
--- KEYS[1] P epoch   KEYS[2] P a:<subject>   KEYS[3] P holds
+-- KEYS[1] P fence   KEYS[2] P a:<subject>   KEYS[3] P holds
 -- KEYS[4] P i:r:<idempotency key>               KEYS[5] P h:<new hold id>
 -- ARGV[1] P   ARGV[2] amount (micro, > 0)   ARGV[3] ttl ms
 -- ARGV[4] payload hash   ARGV[5] new hold id   ARGV[6] idempotency ttl ms
@@ -10,21 +10,21 @@
 -- Replies (every number a decimal string):
 --   {'granted', replayed, hold id, amount, expires ms, available after}
 --   {'denied', replayed, reason, limiting account, available, retry_after ms|'0'}
---   {'mismatch'} | {'not_loaded'} | {'not_found'} | {'too_deep'} | {'broken'}
+--   {'mismatch'} | {'not_loaded'} | {'unverified'} | {'not_found'} | {'too_deep'} | {'broken'}
 -- The idempotency record KEYS[4] is the string "<payload hash>,<reply
 -- fields 1 and 3 to 6>" (ids and reasons hold no comma), e.g.
 -- "3fa0..,granted,<hold id>,<amount>,<expires>,<available>".
 -- The hold hash: sub subject, amt amount, dc draw-chain ids (csv), d amount
 -- drawn from each (csv, aligned), cc ids of every account from the subject
 -- to the root (each got uh += amt), exp expiry ms, st state
--- (active|committing|committed|released|expired), ep epoch, and only when
+-- (active|committing|committed|released|expired), ep fence generation, and only when
 -- not empty: lab labels, pv price version.
 local prefix = ARGV[1]
 local amount = tonumber(ARGV[2])
 local authorize = ARGV[7] == 'authorize'
 
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then return { 'not_loaded' } end
+local epoch, refused = fence_check(KEYS[1])
+if not epoch then return refused end
 
 if not authorize then
   local rec = redis.call('GET', KEYS[4])

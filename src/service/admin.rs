@@ -100,10 +100,12 @@ impl Engine {
         // existing tenant's state is left alone (if Redis lost it, only a
         // rebuild may restore it).
         let exists = self.pg.tenant(&wanted.tenant_id).await?.is_some();
-        if !exists {
-            self.hot.init_tenant(&wanted.tenant_id).await.map_err(|e| self.hot_error(e))?;
-        }
-        let (stored, created) = self.pg.create_tenant(&wanted).await?;
+        let fence = if exists {
+            (String::new(), String::new())
+        } else {
+            self.hot.init_tenant(&wanted.tenant_id).await.map_err(|e| self.hot_error(e))?
+        };
+        let (stored, created) = self.pg.create_tenant(&wanted, (&fence.0, &fence.1)).await?;
         let same = stored.display_name == wanted.display_name
             && stored.credit_value == wanted.credit_value
             && stored.currency == wanted.currency
@@ -352,7 +354,8 @@ impl Engine {
     /// Applies a ledger row to the hot balance and marks it applied. A
     /// failure is logged; the ledger job retries it.
     pub async fn apply_entry(&self, entry: &PendingEntry) {
-        match self.hot.apply_ledger(&entry.tenant_id, &entry.account_id, entry.entry_id, entry.amount).await {
+        let apply = || self.hot.apply_ledger(&entry.tenant_id, &entry.account_id, entry.entry_id, entry.amount);
+        match self.confirmed(&entry.tenant_id, apply).await {
             Ok(_) => {
                 if let Err(e) = self.pg.mark_applied(&[entry.entry_id]).await {
                     tracing::warn!(error = %e, entry = entry.entry_id, "ledger row applied but not marked; will be skipped by its marker");
@@ -360,9 +363,6 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!(error = %e, entry = entry.entry_id, tenant = %entry.tenant_id, "ledger row not applied to redis yet");
-                if matches!(e, crate::store::hot::HotError::NotLoaded) {
-                    self.rebuild_wanted.notify_one();
-                }
             }
         }
     }
@@ -371,7 +371,8 @@ impl Engine {
         let has_allowance = self.pg.has_live_allowance(tenant, &row.account_id).await?;
         let alerts = self.pg.alert_policy(tenant, Some(&row.account_id)).await?;
         let settings = hot_settings(row, has_allowance, &alerts);
-        self.hot.put_account(tenant, &row.account_id, &settings).await.map_err(|e| self.hot_error(e))
+        let put = || async { Ok(((), self.hot.put_account(tenant, &row.account_id, &settings).await?)) };
+        self.confirmed(tenant, put).await
     }
 }
 

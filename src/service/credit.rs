@@ -143,7 +143,10 @@ impl Engine {
             labels_json: "",
             price_version: "",
         };
-        let reserved = self.hot.reserve(tenant, &call).await.map_err(|e| self.account_error(e, subject))?;
+        let reserved = self
+            .fenced(tenant, || self.hot.reserve(tenant, &call))
+            .await
+            .map_err(|e| self.account_error(e, subject))?;
         Ok((reserved, rating))
     }
 
@@ -163,7 +166,10 @@ impl Engine {
             labels_json: &labels_json,
             price_version: version,
         };
-        let reserved = self.hot.reserve(tenant, &call).await.map_err(|e| self.account_error(e, &input.subject))?;
+        let reserved = self
+            .fenced(tenant, || self.hot.reserve(tenant, &call))
+            .await
+            .map_err(|e| self.account_error(e, &input.subject))?;
         Ok((reserved, rating))
     }
 
@@ -188,7 +194,7 @@ impl Engine {
             payload_hash: &hash,
             event_id: &event_id,
         };
-        let prepared = match self.hot.commit(tenant, &call).await {
+        let prepared = match self.fenced(tenant, || self.hot.commit(tenant, &call)).await {
             Ok(prepared) => prepared,
             Err(HotError::NoHold) => {
                 return self
@@ -224,7 +230,7 @@ impl Engine {
             payload_hash: &hash,
             event_id: &event_id,
         };
-        let prepared = match self.hot.commit(tenant, &call).await {
+        let prepared = match self.fenced(tenant, || self.hot.commit(tenant, &call)).await {
             Ok(prepared) => prepared,
             // Redis keeps the key's record but no longer the charge it
             // points at: the charge is in PostgreSQL.
@@ -247,7 +253,8 @@ impl Engine {
     pub async fn release(&self, tenant: &str, input: &ReleaseInput) -> Result<Released> {
         let rid = input.reservation_id.to_string();
         let hash = payload_hash(&["release", &rid]);
-        self.hot.release(tenant, &rid, &input.idempotency_key, &hash).await.map_err(|e| match e {
+        self.fenced(tenant, || self.hot.release(tenant, &rid, &input.idempotency_key, &hash)).await.map_err(|e| match e
+        {
             HotError::NoHold => Error::NotFound(Reason::ReservationNotFound, format!("reservation {rid} not found")),
             HotError::HoldState(state) => hold_state_error(&rid, state),
             e => self.hot_error(e),
@@ -262,7 +269,7 @@ impl Engine {
         let (more, rating) = self.price(tenant, &input.more, version.as_deref()).await?;
         let call =
             ExtendCall { hold_id: &rid, more, ttl, idempotency_key: &input.idempotency_key, payload_hash: &hash };
-        let extended = self.hot.extend(tenant, &call).await.map_err(|e| match e {
+        let extended = self.fenced(tenant, || self.hot.extend(tenant, &call)).await.map_err(|e| match e {
             HotError::NoHold => Error::NotFound(Reason::ReservationNotFound, format!("reservation {rid} not found")),
             HotError::HoldState(state) => hold_state_error(&rid, state),
             e => self.hot_error(e),
@@ -271,7 +278,7 @@ impl Engine {
     }
 
     pub async fn balance(&self, tenant: &str, subject: &str) -> Result<BalanceView> {
-        self.hot.balance(tenant, subject).await.map_err(|e| self.account_error(e, subject))
+        self.fenced(tenant, || self.hot.balance(tenant, subject)).await.map_err(|e| self.account_error(e, subject))
     }
 
     /// Writes the prepared usage event durably, then finalizes the hold in
@@ -299,7 +306,7 @@ impl Engine {
             overdraft: prepared.overdraft,
             draws: prepared.charges.clone(),
             labels: serde_json::to_value(&labels).unwrap_or_default(),
-            hot_epoch: prepared.epoch.clone(),
+            fence: prepared.fence.clone(),
             recorded_at: prepared.recorded_at,
             price_version: rating.as_ref().map(|r| r.version.clone()),
             line_items: rating.as_ref().map(|r| lines_json(&r.lines)),
@@ -307,6 +314,19 @@ impl Engine {
         match self.committer.write(event).await {
             Ok(Inserted::New) => {}
             Ok(Inserted::Existing(row)) if row.event_id == event_id => {}
+            Ok(Inserted::Fenced) => {
+                // Prepared on a hot state PostgreSQL no longer trusts (a
+                // rebuild started, or another Redis process took over):
+                // nothing is recorded; the retry reaches the current state
+                // (which has the hold or reports it lost), and the reaper
+                // reverts this preparation if no retry comes.
+                tracing::warn!(tenant, hold = %prepared.hold_id, "usage prepared on a hot state no longer trusted; the client should retry");
+                self.want_check(tenant);
+                return Err(Error::Unavailable(
+                    "the hot state changed under the commit (a rebuild or a Redis failover); nothing was recorded"
+                        .into(),
+                ));
+            }
             Ok(Inserted::Existing(row)) => {
                 // The key was used before, beyond what Redis remembers: undo
                 // this second charge and answer from the stored event.
@@ -398,9 +418,6 @@ impl Engine {
     }
 
     pub(crate) fn hot_error(&self, e: HotError) -> Error {
-        if matches!(e, HotError::NotLoaded) {
-            self.rebuild_wanted.notify_one();
-        }
         e.into()
     }
 }

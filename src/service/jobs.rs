@@ -10,12 +10,13 @@
 //!   allocates usage to grants, applies ledger rows Redis missed.
 //! - webhooks: sends due alert deliveries, retries, dead letters.
 //! - keys: re-reads cached API keys (revocations reach every replica).
-//! - health: watches Redis and PostgreSQL, rebuilds a tenant's hot state
-//!   when Redis lost it, and reports SERVING only when all is loaded.
+//! - health: watches Redis and PostgreSQL, compares every tenant's fence,
+//!   queues checks and rebuilds (`service/fence.rs`); SERVING while Redis
+//!   answers.
 //! - reconciler: compares hot balances with the ledger, repairs confirmed
 //!   drift (`service/reconcile.rs`); one replica per tenant per interval.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
 use uuid::Uuid;
@@ -26,7 +27,7 @@ use crate::{
     error::{Error, Result},
     metrics::{HoldEnd, TenantLabels, metrics},
     store::{
-        hot::AccountCounters,
+        hot::{AccountCounters, Verdict},
         pg::{Forfeit, Forfeited},
     },
 };
@@ -137,11 +138,10 @@ async fn health_loop(
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let serving = engine.health_pass(&status).await;
+        let serving = engine.health_pass().await;
         publish(&status, serving);
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = engine.rebuild_wanted.notified() => {}
             _ = shutdown.changed() => return,
         }
     }
@@ -242,13 +242,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Checks the backends and every tenant's hot state, rebuilding what
-    /// Redis lost. SERVING needs Redis and every tenant loaded; PostgreSQL
-    /// being down alone does not stop Reserve, so it does not stop serving.
-    /// A tenant found unloaded turns `status` NOT_SERVING at once, before
-    /// its rebuild (which waits at least the settle time, or for another
-    /// replica's rebuild): calls answer UNAVAILABLE meanwhile.
-    pub async fn health_pass(&self, status: &watch::Sender<Serving>) -> Serving {
+    /// Checks the backends and compares every tenant's fence in Redis with
+    /// PostgreSQL's (one statement, one pipeline): a tenant Redis lacks is
+    /// queued for a rebuild; one whose generation or position differs, or
+    /// that the Redis process answering now has not verified (a restart,
+    /// a restore, a failover), is queued for a check, which rebuilds it if
+    /// it is behind. Both run in the background, a few at once; every
+    /// other tenant keeps serving meanwhile, and a tenant's own calls
+    /// answer UNAVAILABLE (TENANT_LOADING) until its rebuild ends.
+    ///
+    /// SERVING means Redis answers: a replica that cannot reach it can
+    /// decide nothing. PostgreSQL being down alone does not stop Reserve,
+    /// so it does not stop serving.
+    pub async fn health_pass(&self) -> Serving {
         if let Err(e) = self.hot.ping().await {
             tracing::warn!(error = %e, "redis unreachable: not serving");
             return Serving::No;
@@ -260,47 +266,54 @@ impl Engine {
                 return if self.tenants.all().is_empty() { Serving::No } else { Serving::Yes };
             }
         }
-        for tenant in self.tenants.all() {
-            match self.hot.is_loaded(&tenant).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    publish(status, Serving::No);
-                    match self.rebuild(&tenant, self.limits.rebuild_settle).await {
-                        Ok(Rebuilt::Done) => {}
-                        Ok(Rebuilt::Elsewhere) => {
-                            tracing::debug!(tenant = %tenant, "another replica is rebuilding the tenant");
-                            return Serving::No;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, tenant = %tenant, "rebuild failed");
-                            return Serving::No;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "redis unreachable: not serving");
-                    return Serving::No;
-                }
+        let fences = match self.pg.fences().await {
+            Ok(fences) => fences,
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres unreachable");
+                return Serving::Yes;
+            }
+        };
+        let tenants: Vec<String> = fences.iter().map(|(t, _, _)| t.clone()).collect();
+        let (views, identity) = match self.hot.fences(&tenants).await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, "redis unreachable: not serving");
+                return Serving::No;
+            }
+        };
+        for ((tenant, generation, position), view) in fences.iter().zip(&views) {
+            if view.generation.is_empty() {
+                self.want_rebuild(tenant);
+            } else if view.generation != *generation
+                || view.position < *position
+                || (!identity.is_empty() && view.verified_by != identity)
+            {
+                self.want_check(tenant);
             }
         }
+        metrics().tenants_loading.set(self.recovery.rebuilding_count() as i64);
         Serving::Yes
     }
 
     /// Recomputes one tenant's hot state from PostgreSQL. Replicas
     /// serialize on an advisory lock: one that finds it taken answers
     /// `Elsewhere` at once (its next health pass looks again), one that
-    /// gets it after the work was done finds the tenant loaded.
+    /// gets it after the work was done finds the state current.
     ///
-    /// `settle` is how long to wait between unloading and reading
-    /// PostgreSQL: commits prepared in Redis before it was lost may still
-    /// be writing their events, and the wait (longer than a statement can
-    /// take) lets them land before the snapshot.
-    pub async fn rebuild(&self, tenant: &str, settle: Duration) -> Result<Rebuilt> {
+    /// No wait bounds the commits in flight: the rebuild starts a new
+    /// generation in PostgreSQL's fence before it reads, and from that
+    /// commit on no usage event, ledger application or setting made on the
+    /// old state is accepted there (a batch that raised the old fence
+    /// first holds its row lock until it commits, so it is in the
+    /// snapshot). The old state is unloaded first, so nothing decides on it
+    /// meanwhile.
+    pub async fn rebuild(&self, tenant: &str) -> Result<Rebuilt> {
+        let started = std::time::Instant::now();
         let mut lock = self.pg.pool().begin().await?;
-        // The lock's transaction idles while the settle wait and the
-        // snapshot run (the snapshot has its own, longer timeout): the
-        // session's idle-in-transaction limit must not end it, or a second
-        // replica could start the same rebuild meanwhile.
+        // The lock's transaction idles while the snapshot runs (it has its
+        // own, longer timeout): the session's idle-in-transaction limit
+        // must not end it, or a second replica could start the same
+        // rebuild meanwhile.
         sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '15min'").execute(&mut *lock).await?;
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended('creditd.rebuild.' || $1, 0))")
@@ -310,17 +323,16 @@ impl Engine {
         if !locked {
             return Ok(Rebuilt::Elsewhere);
         }
-        if self.hot.is_loaded(tenant).await? {
+        if self.check_fence(tenant).await? == Verdict::Current {
             return Ok(Rebuilt::Done);
         }
-        // Unload first: from here on no script changes the tenant, and every
-        // change already made is in PostgreSQL (it is written first).
-        self.hot.unload_tenant(tenant).await?;
-        if !settle.is_zero() {
-            tracing::info!(tenant, settle = ?settle, "hot state lost: waiting for in-flight commits before rebuilding");
-            tokio::time::sleep(settle).await;
-        }
+        let process = self.hot.whoami(tenant).await?;
+        // Unload first: from here on no script decides for the tenant.
+        let scanned = self.hot.unload_tenant(tenant).await?;
+        let generation = Uuid::now_v7().to_string();
+        self.pg.new_generation(tenant, &generation, &process).await?;
         let snapshot = self.pg.snapshot(tenant).await?;
+        let with_allowance: HashSet<&str> = snapshot.with_allowance.iter().map(String::as_str).collect();
         let mut accounts = Vec::with_capacity(snapshot.accounts.len());
         for a in &snapshot.accounts {
             let balance = snapshot.balances.get(&a.account_id).copied().unwrap_or_default();
@@ -334,14 +346,21 @@ impl Engine {
                     .ok_or_else(|| Error::internal(format!("account {}: period credits overflow", a.account_id)))?,
                 fired: snapshot.fired.get(&a.account_id).cloned().unwrap_or_default(),
             };
-            let has_allowance = snapshot.with_allowance.contains(&a.account_id);
-            let alerts = self.pg.alert_policy(tenant, Some(&a.account_id)).await?;
-            accounts.push((a.account_id.clone(), hot_settings(a, has_allowance, &alerts), counters));
+            let has_allowance = with_allowance.contains(a.account_id.as_str());
+            let alerts = snapshot.alert_policies.get(&a.account_id).unwrap_or(&snapshot.tenant_alerts);
+            accounts.push((a.account_id.clone(), hot_settings(a, has_allowance, alerts), counters));
         }
-        let epoch = self.hot.load_tenant(tenant, &accounts, &snapshot.unapplied).await?;
+        self.hot.load_tenant(tenant, &generation, &process, &accounts, &snapshot.unapplied).await?;
         self.pg.mark_applied(&snapshot.unapplied).await?;
         lock.commit().await?;
-        tracing::info!(tenant, accounts = accounts.len(), epoch = %epoch, "hot state rebuilt from postgres");
+        tracing::info!(
+            tenant,
+            accounts = accounts.len(),
+            generation = %generation,
+            scanned_for_stale_keys = scanned,
+            took_ms = started.elapsed().as_millis() as u64,
+            "hot state rebuilt from postgres"
+        );
         metrics().rebuilds.inc();
         Ok(Rebuilt::Done)
     }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod committer;
 pub mod credit;
+pub mod fence;
 pub mod jobs;
 pub mod policy;
 pub mod pricing;
@@ -18,7 +19,6 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
 
 use crate::{
     auth::KeyStore,
@@ -34,8 +34,6 @@ pub struct Limits {
     pub default_ttl: Duration,
     pub min_ttl: Duration,
     pub max_ttl: Duration,
-    /// Wait before a rebuild reads PostgreSQL (see `Engine::rebuild`).
-    pub rebuild_settle: Duration,
 }
 
 /// Everything the operations need; cheap to clone.
@@ -49,8 +47,8 @@ pub struct Engine {
     pub clock: policy::Clock,
     pub limits: Limits,
     pub tenants: Tenants,
-    /// Wakes the health job at once when a call finds a tenant unloaded.
-    pub rebuild_wanted: Arc<Notify>,
+    /// Checks and rebuilds of tenants' hot state under way here.
+    pub recovery: fence::Recovery,
 }
 
 /// The known tenant ids, cached; PostgreSQL is asked on a miss.

@@ -163,7 +163,7 @@ impl Engine {
         let start = row.period_start.unwrap_or(row.created_at);
         let used = self.pg.subtree_usage_since(tenant, account, start).await?;
         let renews = if self.pg.has_live_allowance(tenant, account).await? { row.period_end } else { None };
-        self.hot.new_period(tenant, account, used, row.period_end, renews).await.map_err(|e| self.hot_error(e))?;
+        self.confirmed(tenant, || self.hot.new_period(tenant, account, used, row.period_end, renews)).await?;
         self.pg.mark_period_synced(tenant, account).await?;
         Ok(())
     }
@@ -262,7 +262,7 @@ impl Engine {
 
     /// An account's own hot balance.
     pub async fn own_balance(&self, tenant: &str, account: &str) -> Result<Credits> {
-        let view = self.hot.balance(tenant, account).await.map_err(|e| self.hot_error(e))?;
+        let view = self.fenced(tenant, || self.hot.balance(tenant, account)).await.map_err(|e| self.hot_error(e))?;
         Ok(view.levels.first().map(|l| l.balance).unwrap_or_default())
     }
 

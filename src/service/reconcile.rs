@@ -220,7 +220,12 @@ impl Engine {
                 continue;
             }
             let delta = Credits::from_micros(d.ledger.micros() - d.hot.micros());
-            if self.hot.repair_balance(tenant, &first.epoch, &d.account_id, d.hot, delta).await? {
+            let Some(fence) = self.hot.repair_balance(tenant, &first.epoch, &d.account_id, d.hot, delta).await? else {
+                continue;
+            };
+            // A repair PostgreSQL's fence refuses was made on a state no
+            // longer trusted, which is checked (and rebuilt) anyway.
+            if self.pg.confirm_fence(tenant, &fence).await? {
                 tracing::warn!(tenant, account = %d.account_id, set_to = %d.ledger, "hot balance repaired from the ledger");
                 m.drift_repaired.inc();
                 repaired.push(d.clone());

@@ -8,7 +8,7 @@ use super::pg::{PgResult, PgStore, credits};
 use crate::domain::Credits;
 
 /// Thresholds: percents of the period's credits, absolute amounts.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AlertPolicy {
     pub percents: Vec<i32>,
     pub amounts: Vec<Credits>,
@@ -55,7 +55,7 @@ pub struct StreamedAlert {
 /// An account's own policy columns (all NULL: the tenant's applies).
 type StoredPolicy = (Option<Vec<i32>>, Option<Vec<Decimal>>, Option<bool>);
 
-fn policy(percents: Vec<i32>, amounts: Vec<Decimal>, rearm: bool) -> PgResult<AlertPolicy> {
+pub(crate) fn policy(percents: Vec<i32>, amounts: Vec<Decimal>, rearm: bool) -> PgResult<AlertPolicy> {
     Ok(AlertPolicy {
         percents,
         amounts: amounts.into_iter().map(credits).collect::<PgResult<_>>()?,

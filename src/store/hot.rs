@@ -7,9 +7,13 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, TimeZone, Utc};
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 
-use super::{alerts::StreamedAlert, keys::TenantKeys};
+use super::{
+    alerts::StreamedAlert,
+    keys::TenantKeys,
+    link::{self, Handle, Single, Target},
+};
 use crate::{
     decision::{Denial, DenialReason, HoldState},
     domain::Credits,
@@ -17,9 +21,10 @@ use crate::{
 
 const PRELUDE: &str = include_str!("../lua/prelude.lua");
 
-/// A script called on the hot path: its `EVALSHA` is written straight into
-/// one command buffer (no intermediate argument vectors), and loaded on
-/// NOSCRIPT like `redis::Script` does.
+/// A script: its `EVALSHA` is written straight into one command buffer (no
+/// intermediate argument vectors), and loaded on NOSCRIPT like
+/// `redis::Script` does. `HotStore::eval` appends the caller's identity of
+/// the Redis process as the last argument (see prelude.lua).
 struct Lua {
     hash: String,
     code: String,
@@ -44,33 +49,34 @@ struct Scripts {
     reserve: Lua,
     commit: Lua,
     settle: Lua,
-    release: Script,
-    extend: Script,
-    reap: Script,
-    balance: Script,
-    apply: Script,
-    account: Script,
-    period: Script,
-    reconcile: Script,
-    repair: Script,
+    release: Lua,
+    extend: Lua,
+    reap: Lua,
+    balance: Lua,
+    apply: Lua,
+    account: Lua,
+    period: Lua,
+    reconcile: Lua,
+    repair: Lua,
+    fence: Lua,
 }
 
 impl Scripts {
     fn load() -> Self {
-        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
             reserve: Lua::new(include_str!("../lua/reserve.lua")),
             commit: Lua::new(include_str!("../lua/commit.lua")),
             settle: Lua::new(include_str!("../lua/settle.lua")),
-            release: with_prelude(include_str!("../lua/release.lua")),
-            extend: with_prelude(include_str!("../lua/extend.lua")),
-            reap: with_prelude(include_str!("../lua/reap.lua")),
-            balance: with_prelude(include_str!("../lua/balance.lua")),
-            apply: with_prelude(include_str!("../lua/apply.lua")),
-            account: with_prelude(include_str!("../lua/account.lua")),
-            period: with_prelude(include_str!("../lua/period.lua")),
-            reconcile: with_prelude(include_str!("../lua/reconcile.lua")),
-            repair: with_prelude(include_str!("../lua/repair.lua")),
+            release: Lua::new(include_str!("../lua/release.lua")),
+            extend: Lua::new(include_str!("../lua/extend.lua")),
+            reap: Lua::new(include_str!("../lua/reap.lua")),
+            balance: Lua::new(include_str!("../lua/balance.lua")),
+            apply: Lua::new(include_str!("../lua/apply.lua")),
+            account: Lua::new(include_str!("../lua/account.lua")),
+            period: Lua::new(include_str!("../lua/period.lua")),
+            reconcile: Lua::new(include_str!("../lua/reconcile.lua")),
+            repair: Lua::new(include_str!("../lua/repair.lua")),
+            fence: Lua::new(include_str!("../lua/fence.lua")),
         }
     }
 }
@@ -89,8 +95,12 @@ pub struct HotTimings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HotError {
-    #[error("the tenant's hot state is not loaded (Redis was emptied); a rebuild is under way")]
+    #[error(
+        "the tenant's hot state is not loaded (Redis was emptied, or it was behind PostgreSQL); a rebuild is under way"
+    )]
     NotLoaded,
+    #[error("this Redis process has not been checked against PostgreSQL yet (it restarted, was restored or took over)")]
+    Unverified,
     #[error("account not found")]
     AccountNotFound,
     #[error("the account tree is deeper than allowed")]
@@ -113,10 +123,8 @@ impl HotError {
     /// Whether retrying later may succeed (drives UNAVAILABLE vs INTERNAL).
     pub fn is_transient(&self) -> bool {
         match self {
-            HotError::NotLoaded | HotError::Broken => true,
-            HotError::Redis(e) => {
-                e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
-            }
+            HotError::NotLoaded | HotError::Unverified | HotError::Broken => true,
+            HotError::Redis(e) => link::is_transient(e),
             _ => false,
         }
     }
@@ -151,8 +159,46 @@ pub struct Prepared {
     pub recorded_at: DateTime<Utc>,
     pub available: Credits,
     pub held: Credits,
-    pub epoch: String,
+    /// Where the charge stands in the tenant's fence: PostgreSQL confirms
+    /// it with the usage event.
+    pub fence: Fenced,
     pub replayed: bool,
+}
+
+/// A change to the hot state that PostgreSQL must confirm
+/// (`PgStore::confirm_fence`): the tenant's fence generation, its position
+/// after the change, and the Redis process that made it. A confirmation is
+/// refused when PostgreSQL's fence names another generation or process:
+/// the change happened on a state no longer trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fenced {
+    pub generation: String,
+    pub position: i64,
+    pub process: String,
+}
+
+/// What `fence.lua verify` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The state holds every change PostgreSQL confirmed; it is trusted
+    /// by this process from now on.
+    Current,
+    /// Another process answers now (a reconnection in between): check again.
+    Moved,
+    /// No hot state: rebuild.
+    NotLoaded,
+    /// Another generation, or an older position: the state is behind.
+    Behind { generation: String, position: i64 },
+}
+
+/// One tenant's fence as Redis holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FenceView {
+    /// '' when the tenant is not loaded.
+    pub generation: String,
+    pub position: i64,
+    /// The process that verified it ('' if none).
+    pub verified_by: String,
 }
 
 #[derive(Clone, Debug)]
@@ -251,45 +297,18 @@ pub struct ReapPass {
     pub overdue_commits: Vec<String>,
 }
 
-/// One Redis, or a Redis Cluster. Every call of one tenant touches keys of
-/// one hash slot, so scripts and pipelines work unchanged on a cluster.
+/// One Redis (direct or through Sentinel), or a Redis Cluster. Every call
+/// of one tenant touches keys of one hash slot, so scripts and pipelines
+/// work unchanged on a cluster.
 #[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
+enum Redis {
+    Single(Arc<Single>),
     Cluster(redis::cluster_async::ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
 }
 
 #[derive(Clone)]
 pub struct HotStore {
-    conn: Conn,
+    redis: Redis,
     scripts: Arc<Scripts>,
     base: String,
     max_depth: u32,
@@ -311,45 +330,59 @@ pub struct ReserveCall<'a> {
 }
 
 impl HotStore {
-    /// Connects to one Redis (`url`), or with `cluster` to a Redis Cluster
-    /// (`url` lists seed nodes, comma-separated).
+    /// Connects to one Redis (`url`), with `sentinel_master` to the primary
+    /// the sentinels `url` lists (comma-separated) name so, or with
+    /// `cluster` to a Redis Cluster (`url` lists seed nodes).
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         url: &str,
         cluster: bool,
+        sentinel_master: &str,
         base: String,
         max_depth: u32,
         timings: HotTimings,
         timeout: Duration,
     ) -> HotResult<Self> {
-        let conn = if cluster {
-            let nodes: Vec<&str> = url.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+        let urls: Vec<&str> = url.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+        let redis = if cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(urls)
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
                 .retries(2)
                 .build()?;
-            Conn::Cluster(client.get_async_connection().await?)
+            Redis::Cluster(client.get_async_connection().await?)
+        } else if !sentinel_master.is_empty() {
+            let sentinels = urls.iter().map(|u| redis::Client::open(*u)).collect::<Result<Vec<_>, _>>()?;
+            let template = redis::IntoConnectionInfo::into_connection_info(urls.first().copied().unwrap_or_default())?;
+            let single =
+                Single::new(Target::Sentinel { sentinels, master: sentinel_master.to_string(), template }, timeout);
+            Redis::Single(Arc::new(single))
         } else {
-            let client = redis::Client::open(url)?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(Some(timeout))
-                .set_connection_timeout(Some(timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500));
-            Conn::Single(ConnectionManager::new_with_config(client, config).await?)
+            Redis::Single(Arc::new(Single::new(Target::Direct(redis::Client::open(url)?), timeout)))
         };
         let (finalizer, queue) = tokio::sync::mpsc::unbounded_channel();
-        let store = HotStore { conn, scripts: Arc::new(Scripts::load()), base, max_depth, timings, finalizer };
+        let store = HotStore { redis, scripts: Arc::new(Scripts::load()), base, max_depth, timings, finalizer };
         // The worker's own copy must not keep the queue open.
         let (closed, _) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(run_finalizer(HotStore { finalizer: closed, ..store.clone() }, queue));
         Ok(store)
     }
 
-    /// Runs a hot-path script's `EVALSHA`, loading the script first if
-    /// Redis does not have it (a restart, a new node).
-    async fn eval(&self, script: &Lua, cmd: &redis::Cmd) -> HotResult<Vec<String>> {
-        let mut conn = self.conn.clone();
+    /// A connection for one call: the open link (opening one if needed),
+    /// or the cluster connection.
+    async fn conn(&self) -> HotResult<Handle> {
+        match &self.redis {
+            Redis::Single(single) => Ok(Handle::Link(single.link().await?, single.clone())),
+            Redis::Cluster(c) => Ok(Handle::Cluster(c.clone())),
+        }
+    }
+
+    /// Runs a script's `EVALSHA` with the identity of the process the
+    /// connection reached as its last argument, loading the script first
+    /// if Redis does not have it (a restart, a new node).
+    async fn eval(&self, script: &Lua, mut cmd: redis::Cmd) -> HotResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        cmd.arg(conn.identity());
         match cmd.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(&script.code).query_async(&mut conn).await?;
@@ -367,9 +400,27 @@ impl HotStore {
         &self.timings
     }
 
+    /// Checks Redis answers, and that the process behind the open link is
+    /// still the primary it was when the link opened (same run id and
+    /// replication id): otherwise the link is dropped and the next call
+    /// opens a new one, whose scripts then find every tenant unverified.
     pub async fn ping(&self) -> HotResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        if let (Handle::Link(link, single), Redis::Single(_)) = (&conn, &self.redis) {
+            let mut c = link.conn.clone();
+            match link::handshake(&mut c).await {
+                Ok(identity) if *identity == *link.identity => {}
+                Ok(identity) => {
+                    tracing::warn!(was = %link.identity, now = %identity, "the Redis process behind the connection changed; reconnecting");
+                    single.reset();
+                }
+                Err(e) => {
+                    single.reset();
+                    return Err(e.into());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -382,7 +433,7 @@ impl HotStore {
             None => ("authorize", keys.idempotency('r', "")),
         };
         let mut cmd = self.scripts.reserve.call(5);
-        cmd.arg(keys.epoch())
+        cmd.arg(keys.fence())
             .arg(keys.account(call.subject))
             .arg(keys.holds())
             .arg(idem)
@@ -397,7 +448,7 @@ impl HotStore {
             .arg(call.labels_json)
             .arg(self.max_depth)
             .arg(call.price_version);
-        let reply = self.eval(&self.scripts.reserve, &cmd).await?;
+        let reply = self.eval(&self.scripts.reserve, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "granted" => Ok(Reserved {
@@ -416,7 +467,7 @@ impl HotStore {
 
     /// The price version a hold pinned ("" or `None`: none, or no hold).
     pub async fn price_version(&self, tenant: &str, hold_id: &str) -> HotResult<Option<String>> {
-        let pv: Option<String> = self.conn.clone().hget(self.keys(tenant).hold(hold_id), "pv").await?;
+        let pv: Option<String> = self.conn().await?.hget(self.keys(tenant).hold(hold_id), "pv").await?;
         Ok(pv.filter(|v| !v.is_empty()))
     }
 
@@ -431,7 +482,7 @@ impl HotStore {
             }
         };
         let mut cmd = self.scripts.commit.call(5);
-        cmd.arg(keys.epoch())
+        cmd.arg(keys.fence())
             .arg(keys.hold(&hold_id))
             .arg(keys.holds())
             .arg(idem.as_str())
@@ -447,7 +498,7 @@ impl HotStore {
         if let Some((subject, labels_json)) = charge {
             cmd.arg("charge").arg(subject).arg(labels_json);
         }
-        let reply = self.eval(&self.scripts.commit, &cmd).await?;
+        let reply = self.eval(&self.scripts.commit, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "prepared" => {
@@ -474,7 +525,7 @@ impl HotStore {
                     recorded_at: r.time(11)?,
                     available: r.credits(12)?.max(Credits::ZERO),
                     held: r.credits(13)?,
-                    epoch: r.text(14)?.to_string(),
+                    fence: r.fenced(14)?,
                 })
             }
             other => Err(r.failure(other)),
@@ -496,7 +547,7 @@ impl HotStore {
             cmd.arg(keys.hold(hold_id));
         }
         cmd.arg(keys.prefix()).arg("finalize").arg(millis(self.timings.tombstone_ttl)).arg("0");
-        let reply = self.eval(&self.scripts.settle, &cmd).await?;
+        let reply = self.eval(&self.scripts.settle, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "ok" => r.text(1)?.parse().map_err(|_| HotError::Protocol(format!("finalize count {:?}", r.text(1)))),
@@ -534,7 +585,7 @@ impl HotStore {
             .arg("revert")
             .arg(millis(self.timings.tombstone_ttl))
             .arg(if only_overdue { "1" } else { "0" });
-        let reply = self.eval(&self.scripts.settle, &cmd).await?;
+        let reply = self.eval(&self.scripts.settle, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "ok" => Ok(true),
@@ -551,20 +602,17 @@ impl HotStore {
         payload_hash: &str,
     ) -> HotResult<Released> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .release
-            .key(keys.epoch())
-            .key(keys.hold(hold_id))
-            .key(keys.holds())
-            .key(keys.idempotency('l', idem_key))
+        let mut cmd = self.scripts.release.call(4);
+        cmd.arg(keys.fence())
+            .arg(keys.hold(hold_id))
+            .arg(keys.holds())
+            .arg(keys.idempotency('l', idem_key))
             .arg(keys.prefix())
             .arg(payload_hash)
             .arg(millis(self.timings.idempotency_ttl))
             .arg(millis(self.timings.tombstone_ttl))
-            .arg(self.max_depth)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(self.max_depth);
+        let reply = self.eval(&self.scripts.release, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "released" => Ok(Released {
@@ -578,21 +626,18 @@ impl HotStore {
 
     pub async fn extend(&self, tenant: &str, call: &ExtendCall<'_>) -> HotResult<Extended> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .extend
-            .key(keys.epoch())
-            .key(keys.hold(call.hold_id))
-            .key(keys.holds())
-            .key(keys.idempotency('x', call.idempotency_key))
+        let mut cmd = self.scripts.extend.call(4);
+        cmd.arg(keys.fence())
+            .arg(keys.hold(call.hold_id))
+            .arg(keys.holds())
+            .arg(keys.idempotency('x', call.idempotency_key))
             .arg(keys.prefix())
             .arg(call.more.micros())
             .arg(millis(call.ttl))
             .arg(call.payload_hash)
             .arg(millis(self.timings.idempotency_ttl))
-            .arg(self.max_depth)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(self.max_depth);
+        let reply = self.eval(&self.scripts.extend, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "granted" => Ok(Extended {
@@ -613,15 +658,9 @@ impl HotStore {
 
     pub async fn balance(&self, tenant: &str, subject: &str) -> HotResult<BalanceView> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .balance
-            .key(keys.epoch())
-            .key(keys.account(subject))
-            .arg(keys.prefix())
-            .arg(self.max_depth)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+        let mut cmd = self.scripts.balance.call(2);
+        cmd.arg(keys.fence()).arg(keys.account(subject)).arg(keys.prefix()).arg(self.max_depth);
+        let reply = self.eval(&self.scripts.balance, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
             "ok" => {
@@ -651,37 +690,39 @@ impl HotStore {
     }
 
     /// Applies one ledger row's delta to an account's balance, once.
-    /// Returns false when it had been applied before.
-    pub async fn apply_ledger(&self, tenant: &str, account: &str, entry_id: i64, delta: Credits) -> HotResult<bool> {
+    /// Returns false when it had been applied before, and where the fence
+    /// stands (for PostgreSQL to confirm before the row counts as applied).
+    pub async fn apply_ledger(
+        &self,
+        tenant: &str,
+        account: &str,
+        entry_id: i64,
+        delta: Credits,
+    ) -> HotResult<(bool, Fenced)> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .apply
-            .key(keys.epoch())
-            .key(keys.account(account))
-            .key(keys.marker(entry_id))
+        let mut cmd = self.scripts.apply.call(3);
+        cmd.arg(keys.fence())
+            .arg(keys.account(account))
+            .arg(keys.marker(entry_id))
             .arg(delta.micros())
             .arg(millis(self.timings.idempotency_ttl.max(Duration::from_secs(7 * 86_400))))
             .arg(keys.prefix())
-            .arg(account)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(account);
+        let reply = self.eval(&self.scripts.apply, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
-            "applied" => Ok(true),
-            "duplicate" => Ok(false),
+            "applied" => Ok((true, r.fenced(2)?)),
+            "duplicate" => Ok((false, r.fenced(2)?)),
             other => Err(r.failure(other)),
         }
     }
 
     /// Writes an account's settings (creating its counters at zero).
-    pub async fn put_account(&self, tenant: &str, account: &str, settings: &AccountSettings) -> HotResult<()> {
+    pub async fn put_account(&self, tenant: &str, account: &str, settings: &AccountSettings) -> HotResult<Fenced> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .account
-            .key(keys.epoch())
-            .key(keys.account(account))
+        let mut cmd = self.scripts.account.call(2);
+        cmd.arg(keys.fence())
+            .arg(keys.account(account))
             .arg(settings.parent_id.as_deref().unwrap_or(""))
             .arg(if settings.pool_access { "1" } else { "0" })
             .arg(settings.cap.map(|c| c.micros().to_string()).unwrap_or_default())
@@ -689,18 +730,18 @@ impl HotStore {
             .arg(ms_or_zero(settings.period_end))
             .arg(ms_or_zero(settings.renews_at))
             .arg(&settings.alert_thresholds)
-            .arg(if settings.rearm_on_topup { "1" } else { "0" })
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(if settings.rearm_on_topup { "1" } else { "0" });
+        let reply = self.eval(&self.scripts.account, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
-            "ok" => Ok(()),
+            "ok" => r.fenced(1),
             other => Err(r.failure(other)),
         }
     }
 
     /// A period boundary: cap usage restarts at `used`, the period end and
-    /// allowance renewal move on. Returns false when Redis already had it.
+    /// allowance renewal move on. Returns false when Redis already had it,
+    /// and where the fence stands.
     pub async fn new_period(
         &self,
         tenant: &str,
@@ -708,22 +749,19 @@ impl HotStore {
         used: Credits,
         period_end: Option<DateTime<Utc>>,
         renews_at: Option<DateTime<Utc>>,
-    ) -> HotResult<bool> {
+    ) -> HotResult<(bool, Fenced)> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .period
-            .key(keys.epoch())
-            .key(keys.account(account))
+        let mut cmd = self.scripts.period.call(2);
+        cmd.arg(keys.fence())
+            .arg(keys.account(account))
             .arg(used.micros())
             .arg(ms_or_zero(period_end))
-            .arg(ms_or_zero(renews_at))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(ms_or_zero(renews_at));
+        let reply = self.eval(&self.scripts.period, cmd).await?;
         let r = Reply::new(&reply);
         match r.head()? {
-            "ok" => Ok(true),
-            "stale" => Ok(false),
+            "ok" => Ok((true, r.fenced(1)?)),
+            "stale" => Ok((false, r.fenced(1)?)),
             other => Err(r.failure(other)),
         }
     }
@@ -736,7 +774,7 @@ impl HotStore {
             .arg("+")
             .arg("COUNT")
             .arg(limit)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn().await?)
             .await?;
         entries
             .ids
@@ -763,22 +801,19 @@ impl HotStore {
             return Ok(());
         }
         let _: i64 =
-            redis::cmd("XDEL").arg(self.keys(tenant).alerts()).arg(ids).query_async(&mut self.conn.clone()).await?;
+            redis::cmd("XDEL").arg(self.keys(tenant).alerts()).arg(ids).query_async(&mut self.conn().await?).await?;
         Ok(())
     }
 
     pub async fn reap(&self, tenant: &str, limit: usize) -> HotResult<ReapPass> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .reap
-            .key(keys.holds())
-            .key(keys.committing())
+        let mut cmd = self.scripts.reap.call(2);
+        cmd.arg(keys.holds())
+            .arg(keys.committing())
             .arg(keys.prefix())
             .arg(limit)
-            .arg(millis(self.timings.tombstone_ttl))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(millis(self.timings.tombstone_ttl));
+        let reply = self.eval(&self.scripts.reap, cmd).await?;
         let expired =
             reply.first().and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| HotError::Protocol("reap count".into()))?;
         Ok(ReapPass { expired, overdue_commits: reply[1..].to_vec() })
@@ -796,16 +831,16 @@ impl HotStore {
         with_holds: bool,
     ) -> HotResult<HotCut> {
         let keys = self.keys(tenant);
-        let mut invocation = self.scripts.reconcile.key(keys.epoch());
+        let mut cmd = self.scripts.reconcile.call(2);
         let n = i64::try_from(accounts.len()).map_err(|_| HotError::Protocol("too many accounts".into()))?;
-        invocation.key(keys.committing()).arg(keys.prefix()).arg(if with_holds { n } else { -n });
+        cmd.arg(keys.fence()).arg(keys.committing()).arg(keys.prefix()).arg(if with_holds { n } else { -n });
         for a in accounts {
-            invocation.arg(a);
+            cmd.arg(a);
         }
         for m in markers {
-            invocation.arg(*m);
+            cmd.arg(*m);
         }
-        let reply: Vec<String> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let reply = self.eval(&self.scripts.reconcile, cmd).await?;
         let bad = || HotError::Protocol(format!("reconcile reply of {} fields", reply.len()));
         let mut fields = reply.iter().map(String::as_str);
         let epoch = fields.next().ok_or_else(bad)?.to_string();
@@ -848,28 +883,26 @@ impl HotStore {
         Ok(HotCut { epoch, committing, counters, applied })
     }
 
-    /// Moves an account's hot balance by `delta` if the epoch and balance
-    /// are still `epoch` and `measured`; false when something moved.
+    /// Moves an account's hot balance by `delta` if the fence generation
+    /// and balance are still `generation` and `measured`; `None` when
+    /// something moved.
     pub async fn repair_balance(
         &self,
         tenant: &str,
-        epoch: &str,
+        generation: &str,
         account: &str,
         measured: Credits,
         delta: Credits,
-    ) -> HotResult<bool> {
+    ) -> HotResult<Option<Fenced>> {
         let keys = self.keys(tenant);
-        let reply: Vec<String> = self
-            .scripts
-            .repair
-            .key(keys.epoch())
-            .key(keys.account(account))
-            .arg(epoch)
-            .arg(measured.micros())
-            .arg(delta.micros())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(reply.first().map(String::as_str) == Some("repaired"))
+        let mut cmd = self.scripts.repair.call(2);
+        cmd.arg(keys.fence()).arg(keys.account(account)).arg(generation).arg(measured.micros()).arg(delta.micros());
+        let reply = self.eval(&self.scripts.repair, cmd).await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "repaired" => Ok(Some(r.fenced(2)?)),
+            _ => Ok(None),
+        }
     }
 
     /// Claims the tenant's reconciliation for `interval`: true for the one
@@ -881,48 +914,138 @@ impl HotStore {
             .arg("NX")
             .arg("PX")
             .arg(millis(interval).max(1))
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn().await?)
             .await?;
         Ok(claimed.is_some())
     }
 
     /// Number of active holds of the tenant.
     pub async fn active_holds(&self, tenant: &str) -> HotResult<u64> {
-        Ok(self.conn.clone().zcard(self.keys(tenant).holds()).await?)
+        Ok(self.conn().await?.zcard(self.keys(tenant).holds()).await?)
     }
 
+    /// Whether the tenant's hot state is loaded (its fence names a
+    /// generation); says nothing of whether it is current.
     pub async fn is_loaded(&self, tenant: &str) -> HotResult<bool> {
-        let exists: bool = self.conn.clone().exists(self.keys(tenant).epoch()).await?;
-        Ok(exists)
+        let generation: Option<String> = self.conn().await?.hget(self.keys(tenant).fence(), "g").await?;
+        Ok(generation.is_some_and(|g| !g.is_empty()))
     }
 
-    /// Marks a tenant's (empty) hot state loaded, unless it is already.
-    pub async fn init_tenant(&self, tenant: &str) -> HotResult<()> {
-        let epoch = uuid::Uuid::now_v7().to_string();
-        let _: Option<String> = redis::cmd("SET")
-            .arg(self.keys(tenant).epoch())
-            .arg(epoch)
-            .arg("NX")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
+    /// Gives a new tenant an empty hot state, verified by this process,
+    /// unless it has one already. Returns the fence generation and the
+    /// process, for PostgreSQL's fence row.
+    pub async fn init_tenant(&self, tenant: &str) -> HotResult<(String, String)> {
+        let generation = uuid::Uuid::now_v7().to_string();
+        let reply = self.fence_call(tenant, &["init", &generation]).await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => Ok((r.text(1)?.to_string(), r.text(2)?.to_string())),
+            other => Err(r.failure(other)),
+        }
     }
 
-    /// First step of a rebuild: removes the epoch (every script then
-    /// refuses to touch the tenant) and every key of the tenant.
-    pub async fn unload_tenant(&self, tenant: &str) -> HotResult<()> {
+    async fn fence_call(&self, tenant: &str, args: &[&str]) -> HotResult<Vec<String>> {
+        let mut cmd = self.scripts.fence.call(1);
+        cmd.arg(self.keys(tenant).fence());
+        for a in args {
+            cmd.arg(*a);
+        }
+        self.eval(&self.scripts.fence, cmd).await
+    }
+
+    /// The identity of the Redis process that answers for `tenant` now.
+    pub async fn whoami(&self, tenant: &str) -> HotResult<String> {
+        let reply = self.fence_call(tenant, &["whoami"]).await?;
+        Reply::new(&reply).text(1).map(str::to_string)
+    }
+
+    /// Compares the tenant's state with PostgreSQL's fence (read after
+    /// `process` was named there) and, when it is current, marks it
+    /// verified by `process`.
+    pub async fn verify(&self, tenant: &str, process: &str, generation: &str, position: i64) -> HotResult<Verdict> {
+        let position = position.to_string();
+        let reply = self.fence_call(tenant, &["verify", process, generation, &position]).await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => Ok(Verdict::Current),
+            "moved" => Ok(Verdict::Moved),
+            "not_loaded" => Ok(Verdict::NotLoaded),
+            "behind" => Ok(Verdict::Behind {
+                generation: r.text(1)?.to_string(),
+                position: r.text(2)?.parse().map_err(|_| HotError::Protocol("fence position".into()))?,
+            }),
+            other => Err(r.failure(other)),
+        }
+    }
+
+    /// The fences of `tenants`, read in one pipeline, and the identity the
+    /// scripts would compare them with ('' on a cluster).
+    pub async fn fences(&self, tenants: &[String]) -> HotResult<(Vec<FenceView>, String)> {
+        let mut conn = self.conn().await?;
+        let mut out = Vec::with_capacity(tenants.len());
+        for chunk in tenants.chunks(500) {
+            let mut pipe = redis::pipe();
+            for t in chunk {
+                pipe.cmd("HMGET").arg(self.keys(t).fence()).arg("g").arg("n").arg("v");
+            }
+            // A cluster cannot pipeline across slots: one tenant at a time.
+            let rows: Vec<(Option<String>, Option<String>, Option<String>)> = if matches!(conn, Handle::Cluster(_)) {
+                {
+                    let mut rows = Vec::with_capacity(chunk.len());
+                    for t in chunk {
+                        rows.push(
+                            redis::cmd("HMGET")
+                                .arg(self.keys(t).fence())
+                                .arg("g")
+                                .arg("n")
+                                .arg("v")
+                                .query_async(&mut conn)
+                                .await?,
+                        );
+                    }
+                    rows
+                }
+            } else {
+                pipe.query_async(&mut conn).await?
+            };
+            for (g, n, v) in rows {
+                out.push(FenceView {
+                    generation: g.unwrap_or_default(),
+                    position: n.as_deref().unwrap_or("0").parse().unwrap_or(0),
+                    verified_by: v.unwrap_or_default(),
+                });
+            }
+        }
+        Ok((out, conn.identity().to_string()))
+    }
+
+    /// First step of a rebuild: marks the fence unloaded (every script then
+    /// refuses to decide for the tenant) and removes every other key of the
+    /// tenant: holds, idempotency records and counters of a state that was
+    /// behind. When the fence did not exist the tenant has no key at all
+    /// (a new or emptied Redis: the fence is the first key a tenant gets
+    /// and the last it loses), and the scan, which walks the whole
+    /// keyspace, is skipped. Returns whether it scanned.
+    pub async fn unload_tenant(&self, tenant: &str) -> HotResult<bool> {
         let keys = self.keys(tenant);
-        let mut conn = self.conn.clone();
-        let _: () = conn.del(keys.epoch()).await?;
+        let reply = self.fence_call(tenant, &["unload"]).await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" if r.text(1)? == "0" => return Ok(false),
+            "ok" => {}
+            other => return Err(r.failure(other)),
+        }
+        let fence_key = keys.fence();
+        let mut conn = self.conn().await?;
         // Drop whatever the tenant had (holds of a lost state, stale keys).
         let mut cursor: u64 = 0;
         loop {
             let mut scan = redis::cmd("SCAN");
             scan.arg(cursor).arg("MATCH").arg(keys.pattern()).arg("COUNT").arg(1000);
             let (next, batch): (u64, Vec<String>) = match &mut conn {
-                Conn::Single(c) => scan.query_async(c).await?,
+                Handle::Link(link, _) => scan.query_async(&mut link.conn).await?,
                 // The tenant's keys all live on the node of its hash slot.
-                Conn::Cluster(c) => {
+                Handle::Cluster(c) => {
                     use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                     let route = Route::new(keys.slot(), SlotAddr::Master);
                     let value = c
@@ -933,9 +1056,10 @@ impl HotStore {
             };
             // One key per UNLINK: a cluster refuses a multi-key command
             // unless it can prove one slot, and a pipeline keeps it one trip.
+            let batch: Vec<&String> = batch.iter().filter(|k| **k != fence_key).collect();
             if !batch.is_empty() {
                 let mut pipe = redis::pipe();
-                for key in &batch {
+                for key in batch {
                     pipe.cmd("UNLINK").arg(key).ignore();
                 }
                 let _: () = pipe.query_async(&mut conn).await?;
@@ -945,21 +1069,26 @@ impl HotStore {
             }
             cursor = next;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Last step of a rebuild: writes `accounts` (from a PostgreSQL
     /// snapshot taken after `unload_tenant`), marks the ledger rows in
-    /// `markers` applied, and sets a new epoch last, so scripts see either
-    /// no state or the whole of it.
+    /// `markers` applied, and sets the fence (`generation`, position 0,
+    /// verified by this process) last, so scripts see either no state or
+    /// the whole of it. Returns the identity of the process written to;
+    /// `process` is the one PostgreSQL's fence names: should another
+    /// process answer now, the fence is not set and the rebuild fails.
     pub async fn load_tenant(
         &self,
         tenant: &str,
+        generation: &str,
+        process: &str,
         accounts: &[(String, AccountSettings, AccountCounters)],
         markers: &[i64],
-    ) -> HotResult<String> {
+    ) -> HotResult<()> {
         let keys = self.keys(tenant);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         for chunk in accounts.chunks(500) {
             let mut pipe = redis::pipe();
             for (id, settings, counters) in chunk {
@@ -994,9 +1123,13 @@ impl HotStore {
             }
             let _: () = pipe.query_async(&mut conn).await?;
         }
-        let epoch = uuid::Uuid::now_v7().to_string();
-        let _: () = conn.set(keys.epoch(), &epoch).await?;
-        Ok(epoch)
+        let reply = self.fence_call(tenant, &["load", generation, process]).await?;
+        let r = Reply::new(&reply);
+        match r.head()? {
+            "ok" => Ok(()),
+            "moved" => Err(HotError::Unverified),
+            other => Err(r.failure(other)),
+        }
     }
 }
 
@@ -1107,9 +1240,19 @@ impl<'a> Reply<'a> {
         })
     }
 
+    /// generation, position, process from index i.
+    fn fenced(&self, i: usize) -> HotResult<Fenced> {
+        Ok(Fenced {
+            generation: self.text(i)?.to_string(),
+            position: self.text(i + 1)?.parse().map_err(|_| HotError::Protocol("fence position".into()))?,
+            process: self.text(i + 2)?.to_string(),
+        })
+    }
+
     fn failure(&self, head: &str) -> HotError {
         match head {
             "not_loaded" => HotError::NotLoaded,
+            "unverified" => HotError::Unverified,
             "not_found" => HotError::AccountNotFound,
             "too_deep" => HotError::TooDeep,
             "broken" => HotError::Broken,

@@ -21,8 +21,9 @@ impl TenantKeys {
         &self.prefix
     }
 
-    pub fn epoch(&self) -> String {
-        format!("{}epoch", self.prefix)
+    /// The fence hash (see fence.lua).
+    pub fn fence(&self) -> String {
+        format!("{}fence", self.prefix)
     }
 
     pub fn account(&self, account_id: &str) -> String {
@@ -105,7 +106,7 @@ mod tests {
     #[test]
     fn keys_share_the_tenant_hash_tag() {
         let keys = TenantKeys::new("creditd:", "acme");
-        for key in [keys.epoch(), keys.account("u1"), keys.hold("h"), keys.holds(), keys.idempotency('r', "k")] {
+        for key in [keys.fence(), keys.account("u1"), keys.hold("h"), keys.holds(), keys.idempotency('r', "k")] {
             assert!(key.starts_with("creditd:{t:acme}:"), "{key}");
         }
         assert_eq!(keys.pattern(), "creditd:{t:acme}:*");

@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod hot;
 pub mod keys;
+pub mod link;
 pub mod pg;
 pub mod policy;
 pub mod reports;

@@ -5,7 +5,7 @@
 //! crosses this boundary as `NUMERIC` <-> [`Credits`], never as a float.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     str::FromStr,
     time::Duration,
 };
@@ -23,6 +23,7 @@ use crate::domain::{
     Credits,
     grant::{Category, SpendKey, allocate},
 };
+use crate::store::hot::Fenced;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -166,7 +167,10 @@ pub struct NewEvent {
     pub overdraft: Credits,
     pub draws: Vec<(String, Credits)>,
     pub labels: serde_json::Value,
-    pub hot_epoch: String,
+    /// Where the charge stands in the tenant's fence (stored as
+    /// `hot_epoch`: the generation); the write is refused unless
+    /// PostgreSQL's fence still names this generation and process.
+    pub fence: Fenced,
     pub recorded_at: DateTime<Utc>,
     /// The price version and line items when the usage was rated.
     pub price_version: Option<String>,
@@ -199,6 +203,10 @@ pub struct EventRow {
 pub enum Inserted {
     /// Written now.
     New,
+    /// Refused: the charge was made on a hot state PostgreSQL no longer
+    /// trusts (a rebuild, or another Redis process took over). Nothing
+    /// was written; a retry with the same key reaches the current state.
+    Fenced,
     /// An event with the same reservation or idempotency key already
     /// exists: this one.
     Existing(EventRow),
@@ -230,6 +238,10 @@ pub struct TenantSnapshot {
     pub fired: HashMap<String, String>,
     /// Ledger rows not yet marked applied (they are part of the balances).
     pub unapplied: Vec<i64>,
+    /// Accounts with an alert policy of their own.
+    pub alert_policies: HashMap<String, crate::store::alerts::AlertPolicy>,
+    /// The tenant's alert policy (for every other account).
+    pub tenant_alerts: crate::store::alerts::AlertPolicy,
 }
 
 /// The reconciler's view of one tenant in PostgreSQL (`ledger_view`).
@@ -294,7 +306,11 @@ impl PgStore {
 
     /// Inserts the tenant unless it exists; returns the stored row and
     /// whether it was created now.
-    pub async fn create_tenant(&self, t: &TenantRow) -> PgResult<(TenantRow, bool)> {
+    /// Creates the tenant (unless it exists) with its fence row naming the
+    /// hot state `fence` (generation, process) that `HotStore::init_tenant`
+    /// made, in one transaction.
+    pub async fn create_tenant(&self, t: &TenantRow, fence: (&str, &str)) -> PgResult<(TenantRow, bool)> {
+        let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
             "INSERT INTO tenants (tenant_id, display_name, credit_value, currency, time_zone, \
                period_kind, period_anchor, period_time_zone, trial_end, grant_limits) \
@@ -310,10 +326,19 @@ impl PgStore {
         .bind(&t.period.time_zone)
         .bind(t.period.trial_end)
         .bind(serde_json::to_value(&t.grant_limits).unwrap_or_default())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected()
             == 1;
+        if created {
+            sqlx::query("INSERT INTO hot_fences (tenant_id, generation, position, process) VALUES ($1, $2, 0, $3)")
+                .bind(&t.tenant_id)
+                .bind(fence.0)
+                .bind(fence.1)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         let row = self.tenant(&t.tenant_id).await?.ok_or(PgError::Db(sqlx::Error::RowNotFound))?;
         Ok((row, created))
     }
@@ -700,6 +725,57 @@ impl PgStore {
             .collect()
     }
 
+    /// Names `process` as the Redis process whose changes the tenant's
+    /// fence accepts (refusing every later confirmation from another), and
+    /// returns the generation and position a state it holds must match.
+    pub async fn claim_fence(&self, tenant: &str, process: &str) -> PgResult<Option<(String, i64)>> {
+        Ok(sqlx::query_as("UPDATE hot_fences SET process = $2 WHERE tenant_id = $1 RETURNING generation, position")
+            .bind(tenant)
+            .bind(process)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Confirms a change to the hot state: raises the tenant's fence
+    /// position to it, unless the fence names another generation or
+    /// process (then false: the change was made on a state no longer
+    /// trusted).
+    pub async fn confirm_fence(&self, tenant: &str, fence: &Fenced) -> PgResult<bool> {
+        let done = sqlx::query(
+            "UPDATE hot_fences SET position = GREATEST(position, $4) \
+             WHERE tenant_id = $1 AND generation = $2 AND process = $3",
+        )
+        .bind(tenant)
+        .bind(&fence.generation)
+        .bind(&fence.process)
+        .bind(fence.position)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Starts a new generation of the tenant's hot state, made by
+    /// `process`: from the commit on, every confirmation of the previous
+    /// one is refused, and a batch of events that raised the old fence
+    /// before has committed (the row lock orders them).
+    pub async fn new_generation(&self, tenant: &str, generation: &str, process: &str) -> PgResult<()> {
+        sqlx::query(
+            "INSERT INTO hot_fences (tenant_id, generation, position, process) VALUES ($1, $2, 0, $3) \
+             ON CONFLICT (tenant_id) DO UPDATE SET generation = $2, position = 0, process = $3",
+        )
+        .bind(tenant)
+        .bind(generation)
+        .bind(process)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every tenant's fence: tenant, generation, position.
+    pub async fn fences(&self) -> PgResult<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as("SELECT tenant_id, generation, position FROM hot_fences").fetch_all(&self.pool).await?)
+    }
+
     pub async fn mark_applied(&self, entry_ids: &[i64]) -> PgResult<()> {
         sqlx::query("UPDATE ledger SET applied = true WHERE entry_id = ANY($1)")
             .bind(entry_ids)
@@ -747,22 +823,63 @@ impl PgStore {
         .into_iter()
         .map(account_row)
         .collect::<PgResult<Vec<_>>>()?;
-        let balances = ledger_balances(&mut tx, tenant).await?;
-        // Cap usage: per account, the usage of its subtree since its own
-        // current period start.
-        let usage: Vec<(String, Decimal)> = sqlx::query_as(
-            "WITH RECURSIVE tree(ancestor, descendant) AS ( \
-               SELECT account_id, account_id FROM accounts WHERE tenant_id = $1 \
-               UNION ALL \
-               SELECT t.ancestor, a.account_id FROM tree t \
-               JOIN accounts a ON a.tenant_id = $1 AND a.parent_id = t.descendant) \
-             SELECT t.ancestor, SUM(e.amount) FROM tree t \
-             JOIN accounts anc ON anc.tenant_id = $1 AND anc.account_id = t.ancestor \
-             JOIN usage_events e ON e.tenant_id = $1 AND e.account_id = t.descendant \
-               AND e.recorded_at >= COALESCE(anc.period_start, '-infinity'::timestamptz) \
-             GROUP BY t.ancestor",
+        // The alert policy in force per account: its own when set, else
+        // the tenant's (read here, not once per account).
+        type OwnPolicy = (String, Option<Vec<i32>>, Option<Vec<Decimal>>, Option<bool>);
+        let own: Vec<OwnPolicy> = sqlx::query_as(
+            "SELECT account_id, alert_percents, alert_amounts, alert_rearm_on_topup FROM accounts \
+             WHERE tenant_id = $1 AND alert_percents IS NOT NULL AND alert_amounts IS NOT NULL \
+               AND alert_rearm_on_topup IS NOT NULL",
         )
         .bind(tenant)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut alert_policies = HashMap::with_capacity(own.len());
+        for (account, p, a, r) in own {
+            if let (Some(p), Some(a), Some(r)) = (p, a, r) {
+                alert_policies.insert(account, crate::store::alerts::policy(p, a, r)?);
+            }
+        }
+        let (p, a, r): (Vec<i32>, Vec<Decimal>, bool) = sqlx::query_as(
+            "SELECT alert_percents, alert_amounts, alert_rearm_on_topup FROM tenants WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_one(&mut *tx)
+        .await?;
+        let tenant_alerts = crate::store::alerts::policy(p, a, r)?;
+        let balances = ledger_balances(&mut tx, tenant).await?;
+        // Cap usage: per account, the usage of its subtree since its own
+        // current period start. The (descendant, ancestor, since) pairs
+        // come from the accounts read above, so the statement is a plain
+        // join whatever the planner knows of the tables (a recursive query
+        // here was planned at billions of rows on tables not yet
+        // analyzed); hash joins keep it linear in the events read.
+        let by_id: HashMap<&str, &AccountRow> = accounts.iter().map(|a| (a.account_id.as_str(), a)).collect();
+        let (mut descendant, mut ancestor, mut since) = (Vec::new(), Vec::new(), Vec::new());
+        for a in &accounts {
+            let mut up = Some(a);
+            // Bounded: a parent cycle cannot exist, but a walk never trusts it.
+            for _ in 0..1024 {
+                let Some(node) = up else { break };
+                descendant.push(a.account_id.as_str());
+                ancestor.push(node.account_id.as_str());
+                since.push(node.period_start);
+                up = node.parent_id.as_deref().and_then(|p| by_id.get(p).copied());
+            }
+        }
+        sqlx::query("SET LOCAL enable_nestloop = off").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL enable_mergejoin = off").execute(&mut *tx).await?;
+        let usage: Vec<(String, Decimal)> = sqlx::query_as(
+            "SELECT p.ancestor, SUM(e.amount) \
+             FROM UNNEST($2::text[], $3::text[], $4::timestamptz[]) AS p(descendant, ancestor, since) \
+             JOIN usage_events e ON e.tenant_id = $1 AND e.account_id = p.descendant \
+               AND e.recorded_at >= COALESCE(p.since, '-infinity'::timestamptz) \
+             GROUP BY p.ancestor",
+        )
+        .bind(tenant)
+        .bind(&descendant)
+        .bind(&ancestor)
+        .bind(&since)
         .fetch_all(&mut *tx)
         .await?;
         let usage = usage.into_iter().map(|(a, s)| Ok((a, credits(s)?))).collect::<PgResult<HashMap<_, _>>>()?;
@@ -809,7 +926,17 @@ impl PgStore {
             entry.push_str(&token);
         }
         tx.commit().await?;
-        Ok(TenantSnapshot { accounts, balances, usage, with_allowance, period_draws, fired, unapplied })
+        Ok(TenantSnapshot {
+            accounts,
+            balances,
+            usage,
+            with_allowance,
+            period_draws,
+            fired,
+            unapplied,
+            alert_policies,
+            tenant_alerts,
+        })
     }
 
     // ---- usage events ----------------------------------------------------
@@ -835,6 +962,10 @@ impl PgStore {
         let mut draws = Vec::with_capacity(n);
         let mut labels = Vec::with_capacity(n);
         let mut hot_epoch = Vec::with_capacity(n);
+        let mut hot_process = Vec::with_capacity(n);
+        // The fence rows to raise: the highest position per tenant,
+        // generation and process of the batch.
+        let mut raise: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
         let mut recorded_at = Vec::with_capacity(n);
         let mut price_version = Vec::with_capacity(n);
         let mut line_items = Vec::with_capacity(n);
@@ -851,23 +982,51 @@ impl PgStore {
             overdraft.push(e.overdraft.to_decimal());
             draws.push(draws_json(&e.draws));
             labels.push(e.labels.to_string());
-            hot_epoch.push(e.hot_epoch.as_str());
+            hot_epoch.push(e.fence.generation.as_str());
+            hot_process.push(e.fence.process.as_str());
+            let top = raise.entry((&e.tenant_id, &e.fence.generation, &e.fence.process)).or_insert(0);
+            *top = (*top).max(e.fence.position);
             recorded_at.push(e.recorded_at);
             price_version.push(e.price_version.as_deref());
             line_items.push(e.line_items.as_ref().map(|l| l.to_string()));
         }
-        let written: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO usage_events (event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, \
-               payload_hash, amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items) \
-             SELECT event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
-               amount, held, overdraft, draws::jsonb, labels::jsonb, hot_epoch, recorded_at, price_version, \
-               line_items::jsonb \
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[], \
-               $8::numeric[], $9::numeric[], $10::numeric[], $11::text[], $12::text[], $13::text[], \
-               $14::timestamptz[], $15::text[], $16::text[]) \
-               AS r(event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
-                 amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items) \
-             ON CONFLICT DO NOTHING RETURNING event_id",
+        let mut f_tenant = Vec::with_capacity(raise.len());
+        let mut f_generation = Vec::with_capacity(raise.len());
+        let mut f_process = Vec::with_capacity(raise.len());
+        let mut f_position = Vec::with_capacity(raise.len());
+        for ((t, g, p), n) in raise {
+            f_tenant.push(t);
+            f_generation.push(g);
+            f_process.push(p);
+            f_position.push(n);
+        }
+        // One statement: the fence rows of the batch are raised (and
+        // locked until commit, so a rebuild's new generation waits for
+        // this batch, and a batch after it finds the new generation); the
+        // events of the rows raised are written. Events whose fence is not
+        // PostgreSQL's come back as neither written nor existing: Fenced.
+        let rows: Vec<(String, Option<Uuid>)> = sqlx::query_as(
+            "WITH fence AS ( \
+               UPDATE hot_fences h SET position = GREATEST(h.position, f.position) \
+               FROM UNNEST($18::text[], $19::text[], $20::text[], $21::int8[]) AS f(tenant_id, generation, process, position) \
+               WHERE h.tenant_id = f.tenant_id AND h.generation = f.generation AND h.process = f.process \
+               RETURNING h.tenant_id, h.generation, h.process), \
+             written AS ( \
+               INSERT INTO usage_events (event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, \
+                 payload_hash, amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items) \
+               SELECT event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
+                 amount, held, overdraft, draws::jsonb, labels::jsonb, hot_epoch, recorded_at, price_version, \
+                 line_items::jsonb \
+               FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[], \
+                 $8::numeric[], $9::numeric[], $10::numeric[], $11::text[], $12::text[], $13::text[], \
+                 $14::timestamptz[], $15::text[], $16::text[], $17::text[]) \
+                 AS r(event_id, tenant_id, account_id, reservation_id, kind, idempotency_key, payload_hash, \
+                   amount, held, overdraft, draws, labels, hot_epoch, recorded_at, price_version, line_items, hot_process) \
+               WHERE EXISTS (SELECT 1 FROM fence WHERE fence.tenant_id = r.tenant_id \
+                 AND fence.generation = r.hot_epoch AND fence.process = r.hot_process) \
+               ON CONFLICT DO NOTHING RETURNING event_id) \
+             SELECT 'w', event_id FROM written \
+             UNION ALL SELECT tenant_id || chr(31) || generation || chr(31) || process, NULL FROM fence",
         )
         .bind(&event_id)
         .bind(&tenant_id)
@@ -885,12 +1044,24 @@ impl PgStore {
         .bind(&recorded_at)
         .bind(&price_version)
         .bind(&line_items)
+        .bind(&hot_process)
+        .bind(&f_tenant)
+        .bind(&f_generation)
+        .bind(&f_process)
+        .bind(&f_position)
         .fetch_all(&self.pool)
         .await?;
+        let written: HashSet<Uuid> = rows.iter().filter_map(|(_, id)| *id).collect();
+        let accepted: HashSet<&str> = rows.iter().filter(|(_, id)| id.is_none()).map(|(k, _)| k.as_str()).collect();
         let mut out = Vec::with_capacity(events.len());
         for e in events {
             if written.contains(&e.event_id) {
                 out.push(Inserted::New);
+                continue;
+            }
+            let key = format!("{}\u{1f}{}\u{1f}{}", e.tenant_id, e.fence.generation, e.fence.process);
+            if !accepted.contains(key.as_str()) {
+                out.push(Inserted::Fenced);
                 continue;
             }
             let existing = match e.reservation_id {

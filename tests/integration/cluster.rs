@@ -112,6 +112,7 @@ async fn tenants_on_different_shards_and_a_rebuild() {
     let hot = HotStore::connect(
         &app.backends.redis_url,
         true,
+        "",
         app.backends.key_prefix.clone(),
         8,
         timings,

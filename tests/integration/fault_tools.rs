@@ -100,6 +100,7 @@ pub enum Fault {
 /// [`FaultProxy::port`] in their URL.
 pub struct FaultProxy {
     addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
     fault: watch::Sender<Fault>,
     accept: JoinHandle<()>,
     stats: Arc<ProxyStats>,
@@ -132,8 +133,15 @@ impl FaultProxy {
         let addr = listener.local_addr().unwrap();
         let (fault, rx) = watch::channel(Fault::Pass);
         let stats = Arc::new(ProxyStats::default());
-        let accept = tokio::spawn(accept_loop(listener, upstream, rx, stats.clone()));
-        FaultProxy { addr, fault, accept, stats }
+        let upstream = Arc::new(Mutex::new(upstream));
+        let accept = tokio::spawn(accept_loop(listener, upstream.clone(), rx, stats.clone()));
+        FaultProxy { addr, upstream, fault, accept, stats }
+    }
+
+    /// Connections accepted from now on go to `upstream` (open ones stay
+    /// where they are: `cut_all` closes them).
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
     }
 
     pub fn port(&self) -> u16 {
@@ -172,7 +180,7 @@ impl Drop for FaultProxy {
 
 async fn accept_loop(
     listener: TcpListener,
-    upstream: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
     fault: watch::Receiver<Fault>,
     stats: Arc<ProxyStats>,
 ) {
@@ -188,7 +196,8 @@ async fn accept_loop(
                     continue;
                 }
                 stats.open.fetch_add(1, Ordering::Relaxed);
-                connections.spawn(connection(client, upstream, fault.clone(), stats.clone()));
+                let to = *upstream.lock().unwrap();
+                connections.spawn(connection(client, to, fault.clone(), stats.clone()));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
@@ -295,18 +304,43 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut fault: watch:
 
 // ---- a private redis-server ------------------------------------------------
 
-/// A redis-server of the test's own, on a loopback port, with no
-/// persistence: restarting it empties it. Killed (SIGKILL) on drop.
+/// A redis-server of the test's own, on a loopback port. `start` runs it
+/// with no persistence (restarting it empties it); `start_with` gives it a
+/// data directory of its own and the extra settings a test names
+/// (persistence, `replicaof`). Killed (SIGKILL) on drop.
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// The data directory (with `start_with`), removed on drop.
+    dir: Option<std::path::PathBuf>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let mut server = RedisServer { child: None, port: free_port() };
+        let mut server = RedisServer { child: None, port: free_port(), dir: None, extra: Vec::new() };
         server.spawn().await;
         server
+    }
+
+    /// A redis-server with its own data directory and `extra` settings
+    /// (pairs such as `["--appendonly", "yes"]`).
+    pub async fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("creditd-redis-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("create the redis data directory");
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: Some(dir),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// The data directory (`start_with` only).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.as_deref().expect("a redis-server started with a data directory")
     }
 
     pub fn url(&self) -> String {
@@ -318,28 +352,34 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_answering().await;
+    }
+
+    /// Starts the process without waiting for it to answer (a test that
+    /// watches it load its dataset).
+    pub fn spawn_process(&mut self) {
         let port = self.port.to_string();
-        let args = [
-            "redis-server",
-            "--port",
-            port.as_str(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
-        ];
+        let mut args: Vec<String> =
+            ["redis-server", "--port", port.as_str(), "--bind", "127.0.0.1", "--protected-mode", "yes"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        match &self.dir {
+            None => args.extend(["--save", "", "--appendonly", "no"].iter().map(|s| s.to_string())),
+            Some(dir) => {
+                args.extend(["--dir".to_string(), dir.display().to_string(), "--save".into(), "".into()]);
+                args.extend(self.extra.iter().cloned());
+            }
+        }
         // setpriv makes the kernel kill redis-server if the test process
         // dies without running destructors.
         let mut command = if std::path::Path::new("/usr/bin/setpriv").exists() {
             let mut c = Command::new("/usr/bin/setpriv");
-            c.args(["--pdeathsig", "KILL", "--"]).args(args);
+            c.args(["--pdeathsig", "KILL", "--"]).args(&args);
             c
         } else {
-            let mut c = Command::new(args[0]);
+            let mut c = Command::new(&args[0]);
             c.args(&args[1..]);
             c
         };
@@ -351,7 +391,12 @@ impl RedisServer {
             .spawn()
             .expect("start redis-server (is it installed?)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
+    }
+
+    /// Waits until the server answers PING (a server loading its dataset
+    /// answers LOADING, which is not an answer).
+    pub async fn wait_answering(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(Ok(mut conn)) =
@@ -369,6 +414,13 @@ impl RedisServer {
             assert!(Instant::now() < deadline, "redis-server on port {} never answered", self.port);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// SIGKILL, then the same server again on the same port and data
+    /// directory: it comes back with whatever its files hold.
+    pub async fn crash_and_restart(&mut self) {
+        self.kill();
+        self.spawn().await;
     }
 
     /// SIGKILL: the data is gone with the process.
@@ -389,6 +441,23 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Copies a directory tree (a Redis data directory) as it is now.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
     }
 }
 
@@ -675,6 +744,11 @@ pub struct Audit {
 /// reservation was recorded twice, every hold is resolved (none active,
 /// none committing) and Redis balances equal the ledger's (CheckBalances).
 pub async fn audit(app: &TestApp, acked: &[Acked]) -> Audit {
+    audit_at(app, acked, &app.backends.redis_url).await
+}
+
+/// `audit`, reading Redis at `redis_url` (the primary a Sentinel names).
+pub async fn audit_at(app: &TestApp, acked: &[Acked], redis_url: &str) -> Audit {
     let pg = app.backends.pg().await;
     let (events, with_hold, distinct, used): (i64, i64, i64, Option<rust_decimal::Decimal>) = sqlx::query_as(
         "SELECT COUNT(*), COUNT(reservation_id), COUNT(DISTINCT reservation_id), SUM(amount) FROM usage_events",
@@ -703,7 +777,7 @@ pub async fn audit(app: &TestApp, acked: &[Acked]) -> Audit {
     pg.close().await;
 
     // Finalizing is not awaited by Commit: wait for it (or the reaper).
-    let mut redis = redis_conn(&app.backends.redis_url).await;
+    let mut redis = redis_conn(redis_url).await;
     let prefix = format!("{}{{t:{TENANT}}}:", app.backends.key_prefix);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -677,7 +677,7 @@ async fn a_create_tenant_replay_does_not_hide_a_lost_hot_state() {
     // Redis loses every key of the tenant; the operator's provisioning
     // retries CreateTenant (same payload) before anything else happens.
     let lost = delete_redis_keys(&app, &format!("{}*", tenant_prefix(&app, TENANT))).await;
-    assert!(lost.iter().any(|k| k.ends_with(":epoch")));
+    assert!(lost.iter().any(|k| k.ends_with(":fence")));
     app.create_tenant(TENANT).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

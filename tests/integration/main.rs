@@ -11,6 +11,7 @@ mod cluster;
 mod crash;
 mod exactness;
 mod faults;
+mod fencing;
 mod hot_path;
 mod idempotency;
 mod observability;

@@ -38,6 +38,7 @@ async fn hot_store(app: &TestApp) -> HotStore {
     HotStore::connect(
         &app.backends.redis_url,
         false,
+        "",
         app.backends.key_prefix.clone(),
         8,
         timings,
@@ -150,7 +151,7 @@ async fn a_durable_commit_left_unfinalized_is_finalized_not_reverted() {
         overdraft: prepared.overdraft,
         draws: prepared.charges.clone(),
         labels: serde_json::json!({}),
-        hot_epoch: prepared.epoch.clone(),
+        fence: prepared.fence.clone(),
         recorded_at: prepared.recorded_at,
         price_version: None,
         line_items: None,
