@@ -5,17 +5,20 @@
 #   1. builds creditd and creditd-soak (release by default: realistic
 #      throughput; --debug for a quicker build);
 #   2. starts a throwaway PostgreSQL (durable settings, so that an
-#      immediate stop loses nothing acknowledged) and Redis (no
-#      persistence) on free loopback ports, bootstraps an operator key with
+#      immediate stop loses nothing acknowledged) and Redis (with an AOF
+#      fsynced every second, as production runs it) on free loopback ports, bootstraps an operator key with
 #      `creditd keys create --role operator`, and starts two
 #      `creditd serve` replicas on free loopback ports;
 #   3. `creditd-soak run` seeds tenants, pooled accounts and grants through
 #      the API, then drives closed-loop mixed traffic over both replicas;
 #   4. meanwhile this script injects faults at seeded random times, each
 #      logged with its time: a replica killed with SIGKILL and restarted;
-#      Redis emptied (FLUSHALL, or killed and restarted empty); PostgreSQL
-#      stopped (fast or immediate) for about 10 s; Redis paused (CLIENT
-#      PAUSE) for 0.3 to 3 s. Every kind is injected at least once when the
+#      Redis emptied (FLUSHALL, or killed and restarted with no data);
+#      Redis rolled back (its AOF copied, 2 to 6 s of traffic, then killed
+#      with SIGKILL and restarted from the copy: the writes of those
+#      seconds lost, as a restore or a host crash under everysec loses
+#      them); PostgreSQL stopped (fast or immediate) for about 10 s; Redis
+#      paused (CLIENT PAUSE) for 0.3 to 3 s. Every kind is injected at least once when the
 #      run is long enough; faults stop 25 s before the traffic does;
 #   5. `creditd-soak audit` waits for both replicas to serve and for every
 #      hold to expire or settle, checks the invariants, and writes
@@ -179,7 +182,7 @@ REDISPORT="$(free_port)"
 while [[ "$REDISPORT" == "$PGPORT" ]]; do REDISPORT="$(free_port)"; done
 start_postgres "$PG_DIR" "$PGPORT"
 mkdir -p "$REDIS_DIR"
-start_redis "$REDIS_DIR" "$REDISPORT"
+start_redis "$REDIS_DIR" "$REDISPORT" everysec
 "$(pg_bin psql)" -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c "CREATE DATABASE creditd" >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/creditd"
 export REDIS_URL="redis://127.0.0.1:$REDISPORT/"
@@ -261,9 +264,26 @@ fault_redis_empty() {
         fault_log redis_empty "kill -9 redis-server (pid $pid), restart empty"
         kill -KILL "$pid" 2>/dev/null || true
         while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-        start_redis "$REDIS_DIR" "$REDISPORT" 2>/dev/null
+        rm -rf "$REDIS_DIR/appendonlydir"
+        start_redis "$REDIS_DIR" "$REDISPORT" everysec 2>/dev/null
         fault_log redis_empty_end "redis-server restarted empty (pid $(head -n 1 "$REDIS_DIR/redis.pid"))"
     fi
+}
+
+fault_redis_rollback() {
+    local pid keep
+    keep="$((2 + RANDOM % 5))"
+    rm -rf "$REDIS_DIR/aof-copy"
+    cp -r "$REDIS_DIR/appendonlydir" "$REDIS_DIR/aof-copy"
+    fault_log redis_rollback "AOF copied; ${keep} s of traffic, then kill -9 and restart from the copy"
+    nap "$keep"
+    pid="$(head -n 1 "$REDIS_DIR/redis.pid")"
+    kill -KILL "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    rm -rf "$REDIS_DIR/appendonlydir"
+    mv "$REDIS_DIR/aof-copy" "$REDIS_DIR/appendonlydir"
+    start_redis "$REDIS_DIR" "$REDISPORT" everysec 2>/dev/null
+    fault_log redis_rollback_end "redis-server restarted ${keep} s behind (pid $(head -n 1 "$REDIS_DIR/redis.pid"))"
 }
 
 fault_pg_stop() {
@@ -302,7 +322,7 @@ FAULTS_END=$((TRAFFIC_END - 25))
 # The schedule: seeded; the first four faults are every kind once, in a
 # seeded order, then kinds at random; 8 to 22 s between faults.
 RANDOM=$SEED
-KINDS=(replica_kill redis_empty pg_stop redis_slow)
+KINDS=(replica_kill redis_empty redis_rollback pg_stop redis_slow)
 for ((i = ${#KINDS[@]} - 1; i > 0; i--)); do
     j=$((RANDOM % (i + 1)))
     tmp="${KINDS[i]}"

@@ -296,6 +296,10 @@ start_redis() {
     local -a persist=(--save "" --appendonly no)
     if [[ "$mode" == persistent ]]; then
         persist=(--save "" --appendonly yes)
+    elif [[ "$mode" == everysec ]]; then
+        # As production runs it: an AOF fsynced every second (a crash may
+        # lose the last second), which creditd's fence must survive.
+        persist=(--save "" --appendonly yes --appendfsync everysec --aof-load-truncated yes)
     fi
     rm -f "$dir/redis.pid"
     printf '%s\n' "$port" >"$dir/redis.port"

@@ -1492,9 +1492,23 @@ async fn audit(args: AuditArgs) -> AnyResult<bool> {
         ),
     );
 
-    let redis_empty_times: Vec<i64> =
-        faults.iter().filter(|f| f.kind.starts_with("redis_empty")).map(|f| f.at.timestamp_millis()).collect();
-    let redis_lost_between = |a: i64, b: i64| redis_empty_times.iter().any(|&f| f >= a - 2000 && f <= b + 2000);
+    // When Redis lost state: an emptying (an instant), or a rollback (from
+    // the copy of its AOF to the restart from it: writes in between lost).
+    let mut redis_lost: Vec<(i64, i64)> = Vec::new();
+    for f in &faults {
+        let at = f.at.timestamp_millis();
+        match f.kind.as_str() {
+            k if k.starts_with("redis_empty") => redis_lost.push((at, at)),
+            "redis_rollback" => redis_lost.push((at, at)),
+            "redis_rollback_end" => {
+                if let Some(last) = redis_lost.last_mut() {
+                    last.1 = at;
+                }
+            }
+            _ => {}
+        }
+    }
+    let redis_lost_between = |a: i64, b: i64| redis_lost.iter().any(|&(from, to)| from <= b + 2000 && to >= a - 2000);
 
     // Per tenant: events, grants, ledger, Redis.
     let mut ack_missing = Vec::new();
@@ -1937,7 +1951,7 @@ async fn audit(args: AuditArgs) -> AnyResult<bool> {
     checks.add(
         "hold tombstones agree with the clients",
         tomb_fail,
-        format!("{n_holds} granted reservations: Redis's final state matches what the client saw (absent only after Redis was emptied)"),
+        format!("{n_holds} granted reservations: Redis's final state matches what the client saw (absent only after Redis was emptied or rolled back)"),
     );
     let mut replay_fail = Vec::new();
     let mut replay_excused = 0u64;

@@ -186,6 +186,14 @@ impl Engine {
         let hash = payload_hash(&["commit", &rid, &input.cost.fingerprint(), &labels_json(&input.labels)]);
         let version = self.pinned_version(tenant, &input.cost, &rid).await?;
         let (cost, rating) = self.price(tenant, &input.cost, version.as_deref()).await?;
+        // The idempotency decision comes before any effect: a key Redis no
+        // longer remembers (its record outlived `hot.idempotency_ttl`, or
+        // Redis lost it) may still name a stored event; the call is then a
+        // replay (same payload) or a reuse (another payload), and neither
+        // may touch the hold it names.
+        if let Some(row) = self.pg.event_by_key(tenant, "commit", &input.idempotency_key).await? {
+            return self.recorded_from_row(tenant, row, &hash).await;
+        }
         let event_id = Uuid::now_v7().to_string();
         let call = CommitCall {
             target: CommitTarget::Hold(&rid),
@@ -222,6 +230,10 @@ impl Engine {
         let labels_json = labels_json(&input.labels);
         let hash = payload_hash(&["charge", &input.subject, &input.cost.fingerprint(), &labels_json]);
         let (cost, rating) = self.price(tenant, &input.cost, None).await?;
+        // As in `commit`: the key's stored event decides first.
+        if let Some(row) = self.pg.event_by_key(tenant, "charge", &input.idempotency_key).await? {
+            return self.recorded_from_row(tenant, row, &hash).await;
+        }
         let event_id = Uuid::now_v7().to_string();
         let call = CommitCall {
             target: CommitTarget::Charge { subject: &input.subject, labels_json: &labels_json },

@@ -850,3 +850,34 @@ async fn a_charge_replayed_after_its_hold_left_redis_is_answered_not_charged_aga
         .unwrap();
     assert!(holds.is_empty(), "a replay ran the charge again: {holds:?}");
 }
+
+/// A key Redis no longer remembers (here its record is deleted, as its TTL
+/// or a lost Redis would) is still decided before any effect: committing
+/// another hold with it is IDEMPOTENCY_KEY_REUSED and leaves that hold
+/// active and its credits held; a Charge reusing a stored key changes
+/// nothing either.
+#[tokio::test]
+async fn a_reused_key_redis_forgot_is_refused_before_any_effect() {
+    let app = org().await;
+    let h1 = app.reserve("alice", "100", "r1").await.unwrap();
+    app.commit(&h1.reservation_id, "60", "k").await.unwrap();
+    app.charge("alice", "5", "g").await.unwrap();
+    let prefix = tenant_prefix(&app, TENANT);
+    let forgotten = delete_redis_keys(&app, &format!("{prefix}i:*")).await;
+    assert!(forgotten.contains(&format!("{prefix}i:c:k")) && forgotten.contains(&format!("{prefix}i:g:g")));
+
+    let h2 = app.reserve("alice", "50", "r2").await.unwrap();
+    let before = app.balance("alice").await;
+    assert_reused(&app.commit(&h2.reservation_id, "10", "k").await.unwrap_err());
+    assert_eq!(hold_state(&app, &h2.reservation_id).await.as_deref(), Some("active"), "the hold is untouched");
+    assert_eq!(app.balance("alice").await, before, "nothing moved");
+    assert_eq!(usage_events(&app, TENANT).await, 2);
+    assert_reused(&app.charge("alice", "7", "g").await.unwrap_err());
+    assert_eq!(app.balance("alice").await, before, "nothing moved");
+    assert_eq!(usage_events(&app, TENANT).await, 2);
+
+    // The hold is still there to commit with a fresh key.
+    let done = app.commit(&h2.reservation_id, "10", "k2").await.expect("the hold still commits");
+    assert_eq!(done.amount, "10");
+    assert_eq!(app.available("alice").await, "925");
+}
