@@ -275,3 +275,37 @@ impl redis::aio::ConnectionLike for Handle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(kind: ServerErrorKind) -> RedisError {
+        RedisError::from((ErrorKind::Server(kind), "reply"))
+    }
+
+    #[test]
+    fn replies_that_mean_not_now_are_transient() {
+        for kind in [
+            ServerErrorKind::BusyLoading,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::ClusterDown,
+            ServerErrorKind::MasterDown,
+            ServerErrorKind::ReadOnly,
+        ] {
+            assert!(is_transient(&server(kind)), "{kind:?}");
+        }
+        assert!(is_transient(&RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset))));
+        assert!(!is_transient(&server(ServerErrorKind::NoScript)));
+        assert!(!is_transient(&RedisError::from((ErrorKind::InvalidClientConfig, "eviction policy"))));
+    }
+
+    #[test]
+    fn a_failover_or_a_reset_drops_the_link() {
+        assert!(breaks_link(&server(ServerErrorKind::ReadOnly)));
+        assert!(breaks_link(&server(ServerErrorKind::MasterDown)));
+        assert!(breaks_link(&RedisError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe))));
+        // LOADING is the same process, not yet ready: the link stays.
+        assert!(!breaks_link(&server(ServerErrorKind::BusyLoading)));
+    }
+}
