@@ -13,6 +13,7 @@ mod exactness;
 mod faults;
 mod hot_path;
 mod idempotency;
+mod isolation;
 mod observability;
 mod pricing;
 mod recovery;
