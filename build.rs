@@ -24,6 +24,8 @@ fn main() -> io::Result<()> {
     let protos: Vec<PathBuf> = PROTOS.iter().map(PathBuf::from).collect();
     let includes = [PathBuf::from("proto"), well_known];
     tonic_prost_build::configure()
+        // prost's codec, with decode errors answered INVALID_ARGUMENT.
+        .codec_path("crate::grpc::codec::Codec")
         .file_descriptor_set_path(out_dir.join("creditd_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
     println!("cargo:rerun-if-changed=proto");

@@ -52,6 +52,10 @@ pub enum Reason {
     InvalidCredentials,
     WrongRole,
     KeyNotFound,
+    MalformedRequest,
+    MessageTooLarge,
+    TooManyStreams,
+    RateLimited,
     Internal,
 }
 
@@ -96,6 +100,10 @@ impl Reason {
             Reason::InvalidCredentials => "INVALID_CREDENTIALS",
             Reason::WrongRole => "WRONG_ROLE",
             Reason::KeyNotFound => "KEY_NOT_FOUND",
+            Reason::MalformedRequest => "MALFORMED_REQUEST",
+            Reason::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            Reason::TooManyStreams => "TOO_MANY_STREAMS",
+            Reason::RateLimited => "RATE_LIMITED",
             Reason::Internal => "INTERNAL",
         }
     }
@@ -118,6 +126,10 @@ pub enum Error {
     Unauthenticated(Reason, String),
     #[error("{1}")]
     PermissionDenied(Reason, String),
+    /// A limit was reached (a message too large, too many streams, too
+    /// many calls); nothing changed.
+    #[error("{1}")]
+    ResourceExhausted(Reason, String),
     /// A backend is down or busy; retrying (with the same idempotency key)
     /// is safe. The source goes to the log only.
     #[error("a backend is unavailable")]

@@ -33,7 +33,9 @@ pub struct Credits(i64);
 pub enum AmountError {
     #[error("is empty")]
     Empty,
-    #[error("is not a plain decimal number (digits, one optional '.', optional leading '-')")]
+    #[error(
+        "is not a plain decimal number like \"12\" or \"0.25\" (digits, optionally '.' and more digits; a leading '-' only where negative amounts are allowed)"
+    )]
     Syntax,
     #[error("has more than 6 fractional digits (the smallest unit is 0.000001 credit)")]
     TooPrecise,
@@ -60,24 +62,17 @@ impl Credits {
         credits.checked_mul(MICROS_PER_CREDIT).map(Credits)
     }
 
-    /// Parses a request amount. Accepts `-?\d+(\.\d{1,6})?` (also `.5` and
-    /// `5.`), bounded by [`MAX_AMOUNT`] in absolute value. No whitespace.
+    /// Parses a request amount: the plain decimal grammar of
+    /// [`plain_decimal`] (`-?[0-9]+(\.[0-9]+)?`: digits on both sides of a
+    /// '.', so `.5` and `5.` are refused) with at most 6 fractional
+    /// digits, bounded by [`MAX_AMOUNT`] in absolute value. No whitespace.
     pub fn parse(text: &str) -> Result<Self, AmountError> {
         if text.is_empty() {
             return Err(AmountError::Empty);
         }
-        let (negative, body) = match text.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, text),
-        };
-        let (whole, frac) = match body.split_once('.') {
-            Some((w, f)) => (w, f),
-            None => (body, ""),
-        };
-        let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-        if (whole.is_empty() && frac.is_empty()) || !digits_only(whole) || !digits_only(frac) {
+        let Some((negative, whole, frac)) = plain_decimal(text, true) else {
             return Err(AmountError::Syntax);
-        }
+        };
         if frac.len() > 6 {
             return Err(AmountError::TooPrecise);
         }
@@ -96,6 +91,22 @@ impl Credits {
             return Err(AmountError::TooLarge);
         }
         Ok(Credits(if negative { -magnitude } else { magnitude }))
+    }
+
+    /// Parses amount text stored before the grammar required digits on
+    /// both sides of the '.' (`.5`, `5.`); for data already written, never
+    /// for requests.
+    pub fn parse_stored(text: &str) -> Result<Self, AmountError> {
+        let mut fixed = text.to_string();
+        if fixed.ends_with('.') {
+            fixed.push('0');
+        }
+        if let Some(rest) = fixed.strip_prefix("-.") {
+            fixed = format!("-0.{rest}");
+        } else if let Some(rest) = fixed.strip_prefix('.') {
+            fixed = format!("0.{rest}");
+        }
+        Self::parse(&fixed)
     }
 
     /// Parses an amount that must be zero or more (no sign at all: "-0"
@@ -176,6 +187,31 @@ impl FromStr for Credits {
     }
 }
 
+/// The one grammar of decimal text in requests (amounts, quantities,
+/// prices): `-?[0-9]+(\.[0-9]+)?`, the '-' only when `signed`. Returns
+/// the sign, the whole digits and the fractional digits ("" when none).
+pub fn plain_decimal(text: &str, signed: bool) -> Option<(bool, &str, &str)> {
+    let (negative, body) = match text.strip_prefix('-') {
+        Some(rest) if signed => (true, rest),
+        Some(_) => return None,
+        None => (false, text),
+    };
+    let (whole, frac) = match body.split_once('.') {
+        Some((w, f)) => {
+            if f.is_empty() {
+                return None;
+            }
+            (w, f)
+        }
+        None => (body, ""),
+    };
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) {
+        return None;
+    }
+    Some((negative, whole, frac))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,8 +224,8 @@ mod tests {
             ("1", "1"),
             ("0.25", "0.25"),
             ("1.500000", "1.5"),
-            (".5", "0.5"),
-            ("5.", "5"),
+            ("0.5", "0.5"),
+            ("5.0", "5"),
             ("-3.000001", "-3.000001"),
             ("0001000", "1000"),
             ("1000000000", "1000000000"),
@@ -206,6 +242,14 @@ mod tests {
         assert_eq!(Credits::parse("+1"), Err(AmountError::Syntax));
         assert_eq!(Credits::parse("1.2.3"), Err(AmountError::Syntax));
         assert_eq!(Credits::parse("."), Err(AmountError::Syntax));
+        // Digits on both sides of the point: one grammar, no shorthand.
+        assert_eq!(Credits::parse("1."), Err(AmountError::Syntax));
+        assert_eq!(Credits::parse(".5"), Err(AmountError::Syntax));
+        assert_eq!(Credits::parse("-.5"), Err(AmountError::Syntax));
+        assert_eq!(Credits::parse("-"), Err(AmountError::Syntax));
+        assert_eq!(Credits::parse("--1"), Err(AmountError::Syntax));
+        assert_eq!(Credits::parse_stored(".5").unwrap().to_string(), "0.5");
+        assert_eq!(Credits::parse_stored("5.").unwrap().to_string(), "5");
         assert_eq!(Credits::parse("NaN"), Err(AmountError::Syntax));
         assert_eq!(Credits::parse("0.0000001"), Err(AmountError::TooPrecise));
         assert_eq!(Credits::parse("1000000000.000001"), Err(AmountError::TooLarge));

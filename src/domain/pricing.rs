@@ -293,11 +293,7 @@ impl BookContent {
 /// A unit price: a non-negative plain decimal with at most 12 fractional
 /// digits, at most 1,000,000,000.
 pub fn parse_price(text: &str) -> Result<Decimal, &'static str> {
-    let ok_syntax = !text.is_empty()
-        && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        && text.bytes().filter(|b| *b == b'.').count() <= 1
-        && text != ".";
-    if !ok_syntax {
+    if crate::domain::money::plain_decimal(text, false).is_none() {
         return Err("must be a non-negative plain decimal like \"0.25\"");
     }
     let value: Decimal = text.parse().map_err(|_| "must be a non-negative plain decimal like \"0.25\"")?;

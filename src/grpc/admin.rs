@@ -53,26 +53,22 @@ fn grant_limits(map: std::collections::HashMap<String, i32>) -> Result<BTreeMap<
     Ok(map.into_iter().collect())
 }
 
+/// Bounds of free-text fields (characters), as documented in admin.proto.
+const TIER_MAX: usize = 64;
+const NAME_MAX: usize = 256;
+const TEXT_MAX: usize = 512;
+const KEY_NAME_MAX: usize = 128;
+
 fn tier(value: String) -> Result<String, Error> {
-    if value.chars().count() > 64 {
-        return Err(Error::invalid("tier", Reason::InvalidArgument, "is longer than 64 characters"));
-    }
-    Ok(value)
+    convert::text("tier", value, TIER_MAX)
 }
 
 fn short_text(field: &'static str, value: String) -> Result<String, Error> {
-    if value.chars().count() > 512 {
-        return Err(Error::invalid(field, Reason::InvalidArgument, "is longer than 512 characters"));
-    }
-    Ok(value)
+    convert::text(field, value, TEXT_MAX)
 }
 
 fn required_text(field: &'static str, value: String) -> Result<String, Error> {
-    let value = value.trim().to_string();
-    if value.is_empty() {
-        return Err(Error::invalid(field, Reason::InvalidArgument, "is required"));
-    }
-    short_text(field, value)
+    convert::required_text(field, value, TEXT_MAX)
 }
 
 fn text_or(value: String, default: &str) -> String {
@@ -92,19 +88,13 @@ impl AdminService for AdminApi {
             return Err(Error::invalid("currency", Reason::InvalidArgument, "must be an ISO 4217 code like USD").into());
         }
         let time_zone = text_or(r.time_zone, "UTC");
-        if time_zone.len() > 64 || time_zone.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(
-                Error::invalid("time_zone", Reason::InvalidArgument, "must be an IANA zone like Europe/Paris").into()
-            );
-        }
-        if r.display_name.chars().count() > 256 {
-            return Err(Error::invalid("display_name", Reason::InvalidArgument, "is longer than 256 characters").into());
-        }
+        convert::time_zone("time_zone", &time_zone, Reason::InvalidArgument)?;
+        let display_name = convert::text("display_name", r.display_name, NAME_MAX)?;
         let tenant = self
             .engine
             .create_tenant(NewTenant {
                 tenant_id,
-                display_name: r.display_name,
+                display_name,
                 credit_value: Decimal::from(credit_value.micros()) / Decimal::from(1_000_000),
                 currency,
                 time_zone,
@@ -117,17 +107,17 @@ impl AdminService for AdminApi {
 
     async fn get_tenant(&self, request: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
         let who = authenticated(&self.engine, &request).await?;
+        // The role first: a key that may not call GetTenant learns nothing
+        // from the validation of its request.
+        if who.role == Role::Runtime {
+            return Err(
+                Error::PermissionDenied(Reason::WrongRole, "GetTenant needs an admin or operator key".into()).into()
+            );
+        }
         let tenant_id = convert::tenant_id("tenant_id", &request.get_ref().tenant_id)?;
         let visible = match who.role {
             Role::Operator => true,
-            Role::Admin => who.tenant.as_deref() == Some(tenant_id.as_str()),
-            Role::Runtime => {
-                return Err(Error::PermissionDenied(
-                    Reason::WrongRole,
-                    "GetTenant needs an admin or operator key".into(),
-                )
-                .into());
-            }
+            Role::Admin | Role::Runtime => who.tenant.as_deref() == Some(tenant_id.as_str()),
         };
         if !visible {
             return Err(Error::NotFound(Reason::TenantNotFound, format!("tenant {tenant_id} not found")).into());
@@ -158,14 +148,12 @@ impl AdminService for AdminApi {
                 Some(tenant)
             }
         };
-        if r.name.chars().count() > 128 {
-            return Err(Error::invalid("name", Reason::InvalidArgument, "is longer than 128 characters").into());
-        }
+        let name = convert::text("name", r.name, KEY_NAME_MAX)?;
         let idempotency_key = convert::idempotency_key(&r.idempotency_key)?;
         let (record, key) = self
             .engine
             .keys
-            .create(tenant.as_deref(), role, &r.name, Some(&idempotency_key))
+            .create(tenant.as_deref(), role, &name, Some(&idempotency_key))
             .await
             .map_err(Error::from)?;
         if key.is_some() {
@@ -217,7 +205,7 @@ impl AdminService for AdminApi {
                 Some(convert::account_id("parent_id", &r.parent_id)?)
             },
             kind: convert::account_kind(r.kind)?,
-            display_name: r.display_name,
+            display_name: convert::text("display_name", r.display_name, NAME_MAX)?,
             pool_access: r.pool_access,
             cap: convert::optional_amount("cap", &r.cap)?,
             period: convert::period_spec("period", r.period)?,
@@ -241,7 +229,7 @@ impl AdminService for AdminApi {
                 Some(text) => Some(convert::optional_amount("cap", text)?),
             },
             suspended: r.suspended,
-            display_name: r.display_name,
+            display_name: r.display_name.map(|d| convert::text("display_name", d, NAME_MAX)).transpose()?,
             tier: r.tier.map(tier).transpose()?,
         };
         let account = self.engine.update_account(&tenant, update).await?;
@@ -266,7 +254,8 @@ impl AdminService for AdminApi {
             n @ 1..=1000 => i64::from(n),
             _ => return Err(Error::invalid("page_size", Reason::InvalidArgument, "must be between 0 and 1000").into()),
         };
-        let page = self.engine.list_accounts(&tenant, parent.as_deref(), page_size, &r.page_token).await?;
+        let page_token = convert::account_page_token(&r.page_token)?;
+        let page = self.engine.list_accounts(&tenant, parent.as_deref(), page_size, &page_token).await?;
         Ok(Response::new(pb::ListAccountsResponse {
             accounts: page.accounts.iter().map(convert::account).collect(),
             next_page_token: page.next_page_token,
@@ -276,9 +265,7 @@ impl AdminService for AdminApi {
     async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::Grant>, Status> {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
-        if r.description.chars().count() > 512 {
-            return Err(Error::invalid("description", Reason::InvalidArgument, "is longer than 512 characters").into());
-        }
+        let description = short_text("description", r.description)?;
         let input = NewGrant {
             account_id: convert::account_id("account_id", &r.account_id)?,
             amount: convert::amount("amount", &r.amount, Sign::Positive)?,
@@ -298,7 +285,7 @@ impl AdminService for AdminApi {
                     .into());
                 }
             },
-            description: r.description,
+            description,
             reason: short_text("reason", r.reason)?,
             actor: short_text("actor", r.actor)?,
             idempotency_key: convert::idempotency_key(&r.idempotency_key)?,
@@ -310,12 +297,7 @@ impl AdminService for AdminApi {
     async fn void_grant(&self, request: Request<pb::VoidGrantRequest>) -> Result<Response<pb::Grant>, Status> {
         let tenant = self.tenant(&request).await?;
         let r = request.into_inner();
-        let reason = r.reason.trim().to_string();
-        if reason.is_empty() || reason.chars().count() > 512 {
-            return Err(
-                Error::invalid("reason", Reason::InvalidArgument, "is required (at most 512 characters)").into()
-            );
-        }
+        let reason = required_text("reason", r.reason)?;
         let input = VoidInput {
             grant_id: convert::grant_id(&r.grant_id)?,
             reason,

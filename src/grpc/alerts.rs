@@ -171,11 +171,12 @@ impl AlertService for AlertApi {
     async fn set_webhook(&self, request: Request<pb::SetWebhookRequest>) -> Result<Response<pb::WebhookInfo>, Status> {
         let tenant = tenant(&self.engine, &request, Need::Admin).await?;
         let r = request.into_inner();
-        let url =
-            url::Url::parse(&r.url).ok().filter(|u| u.scheme() == "http" && u.host().is_some()).ok_or_else(|| {
-                Error::invalid("url", Reason::InvalidArgument, "must be an http:// URL (https is not supported yet)")
-            })?;
-        if r.secret.len() < 16 || r.secret.len() > 256 {
+        let url_text = convert::text("url", r.url, 2048)?;
+        let url = url::Url::parse(&url_text).ok().filter(|u| u.scheme() == "http" && u.host().is_some()).ok_or_else(
+            || Error::invalid("url", Reason::InvalidArgument, "must be an http:// URL (https is not supported yet)"),
+        )?;
+        let secret = convert::text("secret", r.secret, 256)?;
+        if secret.chars().count() < 16 {
             return Err(Error::invalid("secret", Reason::InvalidArgument, "must be 16 to 256 characters").into());
         }
         let max_attempts = match r.max_attempts {
@@ -185,7 +186,7 @@ impl AlertService for AlertApi {
                 return Err(Error::invalid("max_attempts", Reason::InvalidArgument, "must be between 0 and 100").into());
             }
         };
-        let webhook = Webhook { url: url.to_string(), secret: r.secret, max_attempts };
+        let webhook = Webhook { url: url.to_string(), secret, max_attempts };
         self.engine.pg.set_webhook(&tenant, &webhook).await.map_err(Error::from)?;
         tracing::info!(tenant, url = %webhook.url, "webhook set");
         Ok(Response::new(pb::WebhookInfo { url: webhook.url, max_attempts, secret_set: true }))

@@ -64,8 +64,38 @@ pub fn idempotency_key(value: &str) -> Result<String> {
 
 pub fn labels(map: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
     let labels: BTreeMap<String, String> = map.into_iter().collect();
-    ids::check_labels(&labels).map_err(|e| Error::invalid("labels", Reason::InvalidLabels, e))?;
+    ids::check_labels(&labels).map_err(|e| Error::invalid(e.field(), Reason::InvalidLabels, e.detail()))?;
     Ok(labels)
+}
+
+/// Free text (names, descriptions, reasons, notes, URLs): at most `max`
+/// characters and no control character (`ids::check_text`). Empty is
+/// allowed.
+pub fn text(field: impl Into<String>, value: String, max: usize) -> Result<String> {
+    match ids::check_text(&value, max) {
+        Ok(()) => Ok(value),
+        Err(e) => Err(Error::invalid(field, Reason::InvalidArgument, e)),
+    }
+}
+
+/// Free text that must not be blank; surrounding whitespace is trimmed.
+pub fn required_text(field: &'static str, value: String, max: usize) -> Result<String> {
+    let value = text(field, value, max)?.trim().to_string();
+    if value.is_empty() {
+        return Err(Error::invalid(field, Reason::InvalidArgument, "is required"));
+    }
+    Ok(value)
+}
+
+/// An IANA time zone name, as `chrono-tz` knows them (at most 64
+/// characters).
+pub fn time_zone(field: impl Into<String>, value: &str, reason: Reason) -> Result<()> {
+    let field = field.into();
+    text(field.clone(), value.to_string(), 64)?;
+    value
+        .parse::<chrono_tz::Tz>()
+        .map(|_| ())
+        .map_err(|_| Error::invalid(field, reason, format!("{value:?} is not an IANA time zone (like Europe/Paris)")))
 }
 
 pub fn reservation_id(value: &str) -> Result<Uuid> {
@@ -176,13 +206,10 @@ pub fn usage(u: &pb::Usage, max_quantity: Decimal) -> Result<Vec<UsageItem>> {
         .collect()
 }
 
-/// A quantity: a non-negative plain decimal with at most 6 fractional digits.
+/// A quantity: a non-negative plain decimal (`[0-9]+(\.[0-9]+)?`, the
+/// grammar of amounts) with at most 6 fractional digits.
 fn quantity(text: &str) -> std::result::Result<Decimal, &'static str> {
-    let syntax = !text.is_empty()
-        && text != "."
-        && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        && text.bytes().filter(|b| *b == b'.').count() <= 1;
-    if !syntax {
+    if crate::domain::money::plain_decimal(text, false).is_none() {
         return Err("must be a non-negative plain decimal like \"1200\" or \"1.5\"");
     }
     let value: Decimal = text.parse().map_err(|_| "is too large")?;
@@ -217,6 +244,14 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
 }
 
 pub fn from_timestamp(field: &'static str, t: Option<prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>> {
+    from_timestamp_field(field, t)
+}
+
+pub fn from_timestamp_field(
+    field: impl Into<String>,
+    t: Option<prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>> {
+    let field = field.into();
     let Some(t) = t else { return Ok(None) };
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(Error::invalid(field, Reason::InvalidArgument, "has nanos out of range"));
@@ -225,6 +260,18 @@ pub fn from_timestamp(field: &'static str, t: Option<prost_types::Timestamp>) ->
         .single()
         .map(Some)
         .ok_or_else(|| Error::invalid(field, Reason::InvalidArgument, "is out of range"))
+}
+
+/// A page token that is the last account id of the previous page ("" =
+/// the start).
+pub fn account_page_token(value: &str) -> Result<String> {
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    ids::check_id(value).map_err(|_| {
+        Error::invalid("page_token", Reason::InvalidArgument, "is not a token from a previous response")
+    })?;
+    Ok(value.to_string())
 }
 
 pub fn denial(d: &Denial) -> pb::Denial {
@@ -375,17 +422,24 @@ pub fn period_spec(field: &'static str, p: Option<pb::BillingPeriod>) -> Result<
             ));
         }
     };
-    let anchor = from_timestamp("anchor", p.anchor)?;
-    let trial_end = from_timestamp("trial_end", p.trial_end)?;
-    if kind == "trial" && (anchor.is_none() || trial_end.is_none()) {
-        return Err(Error::invalid(
-            format!("{field}.trial_end"),
-            Reason::InvalidPeriod,
-            "a trial needs anchor and trial_end",
-        ));
+    let anchor = from_timestamp_field(format!("{field}.anchor"), p.anchor)?;
+    let trial_end = from_timestamp_field(format!("{field}.trial_end"), p.trial_end)?;
+    if kind == "trial" && anchor.is_none() {
+        return Err(Error::invalid(format!("{field}.anchor"), Reason::InvalidPeriod, "is required for a trial"));
+    }
+    if kind == "trial" && trial_end.is_none() {
+        return Err(Error::invalid(format!("{field}.trial_end"), Reason::InvalidPeriod, "is required for a trial"));
     }
     if kind != "trial" && trial_end.is_some() {
         return Err(Error::invalid(format!("{field}.trial_end"), Reason::InvalidPeriod, "is only for trials"));
+    }
+    if let (Some(start), Some(end)) = (anchor, trial_end)
+        && end <= start
+    {
+        return Err(Error::invalid(format!("{field}.trial_end"), Reason::InvalidPeriod, "must be after anchor"));
+    }
+    if !p.time_zone.is_empty() {
+        time_zone(format!("{field}.time_zone"), &p.time_zone, Reason::InvalidPeriod)?;
     }
     Ok(Some(PeriodSpec {
         kind: kind.to_string(),
@@ -585,7 +639,8 @@ mod props {
             None => (false, text),
         };
         let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
-        if (whole.is_empty() && frac.is_empty())
+        if whole.is_empty()
+            || (digits.contains('.') && frac.is_empty())
             || !whole.bytes().all(|b| b.is_ascii_digit())
             || !frac.bytes().all(|b| b.is_ascii_digit())
             || frac.len() > 6
@@ -675,7 +730,10 @@ mod props {
                 }
                 let q = &item.quantity;
                 let frac = q.split_once('.').map_or(0, |(_, f)| f.len());
-                let syntax = !q.is_empty() && q != "." && q.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                let (whole, fraction) = q.split_once('.').unwrap_or((q.as_str(), ""));
+                let point_without_digits = q.contains('.') && fraction.is_empty();
+                let syntax = !whole.is_empty() && !point_without_digits
+                    && q.bytes().all(|b| b.is_ascii_digit() || b == b'.')
                     && q.matches('.').count() <= 1;
                 let within = syntax && frac <= 6 && q.parse::<Decimal>().is_ok_and(|d| d <= bound);
                 (!within).then(|| format!("usage.items[{i}].quantity"))

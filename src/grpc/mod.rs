@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod caller;
+pub mod codec;
 pub mod convert;
 pub mod credit;
 pub mod observe;

@@ -89,7 +89,10 @@ where
         };
         Box::pin(
             async move {
-                let result = future.await;
+                let mut result = future.await;
+                if let Ok(response) = &mut result {
+                    rewrite_transport_errors(response.headers_mut());
+                }
                 // Errors travel as trailers-only responses: grpc-status is
                 // in the headers. A success carries it in the trailers.
                 let code = match &result {
@@ -106,6 +109,54 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// The largest request message the server decodes (tonic's default,
+/// 4 MiB): documented in common.proto and README.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Rewrites the statuses tonic itself answers for a request it could not
+/// read, before any handler ran: a message over the size limit
+/// (OUT_OF_RANGE) becomes RESOURCE_EXHAUSTED (MESSAGE_TOO_LARGE) naming
+/// the limit; a call with no message (INTERNAL) becomes INVALID_ARGUMENT
+/// (MALFORMED_REQUEST). Both changed nothing.
+fn rewrite_transport_errors(headers: &mut http::HeaderMap) {
+    let code = headers.get("grpc-status").map(|v| v.as_bytes().to_vec());
+    let replacement = match code.as_deref() {
+        Some(b"11") | Some(b"13") => match tonic::Status::from_header_map(headers) {
+            Some(s)
+                if s.code() == tonic::Code::OutOfRange && s.message().contains("decoded message length too large") =>
+            {
+                let found = s
+                    .message()
+                    .split("found ")
+                    .nth(1)
+                    .and_then(|t| t.split(' ').next())
+                    .map_or_else(String::new, |n| format!(" ({n} bytes)"));
+                Some(crate::error::Error::ResourceExhausted(
+                    crate::error::Reason::MessageTooLarge,
+                    format!("the request message{found} is larger than the limit of {MAX_MESSAGE_BYTES} bytes (4 MiB)"),
+                ))
+            }
+            Some(s) if s.code() == tonic::Code::Internal && s.message() == "Missing request message." => {
+                Some(crate::error::Error::invalid(
+                    "request",
+                    crate::error::Reason::MalformedRequest,
+                    "is missing: the call carried no message",
+                ))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    if let Some(error) = replacement {
+        let status = tonic::Status::from(error);
+        headers.remove("grpc-message");
+        headers.remove("grpc-status-details-bin");
+        if status.add_header(headers).is_err() {
+            tracing::debug!("cannot rewrite a transport error's status");
+        }
     }
 }
 

@@ -32,6 +32,7 @@ impl From<Error> for Status {
             Error::Unimplemented(reason, message) => status(Code::Unimplemented, reason, message),
             Error::Unauthenticated(reason, message) => status(Code::Unauthenticated, reason, message),
             Error::PermissionDenied(reason, message) => status(Code::PermissionDenied, reason, message),
+            Error::ResourceExhausted(reason, message) => status(Code::ResourceExhausted, reason, message),
             Error::Unavailable(source) => {
                 tracing::warn!(error = %source, "backend unavailable");
                 status(

@@ -6,6 +6,13 @@
 //! statement, and answer every caller of the batch. Under load, batches
 //! grow and the cost of a WAL flush is shared; idle, a lone event is
 //! written at once.
+//!
+//! One bad member never fails the others: when a batch fails with an
+//! error that is not transient (a data error, a constraint: anything a
+//! retry of the same statement would hit again), each member is written
+//! again on its own, so each caller gets its own outcome and only the bad
+//! event fails. A transient error (connection lost, timeout) fails the
+//! whole batch, and every caller is told to retry.
 
 use std::sync::Arc;
 
@@ -73,11 +80,25 @@ async fn write_batch(pg: &PgStore, batch: Vec<(NewEvent, Reply)>) {
                 let _ = reply.send(Ok(result));
             }
         }
-        Err(e) => {
+        Err(e) if e.is_transient() || events.len() == 1 => {
             tracing::warn!(error = %e, size = events.len(), "group commit failed");
             let e = Arc::new(e);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, size = events.len(), "group commit failed; writing its events one by one");
+            for (event, reply) in events.into_iter().zip(replies) {
+                let result = pg.insert_events(std::slice::from_ref(&event)).await;
+                let result = match result {
+                    Ok(mut one) => one.pop().ok_or_else(|| PgError::Db(sqlx::Error::RowNotFound)),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, event = %event.event_id, tenant = %event.tenant_id, "usage event refused");
+                }
+                let _ = reply.send(result.map_err(Arc::new));
             }
         }
     }

@@ -26,7 +26,7 @@ use crate::{
     store::{
         hot::{
             BalanceView, CommitCall, CommitTarget, ExtendCall, Extended, HotError, Prepared, Released, ReserveCall,
-            Reserved,
+            ReserveOutcome, Reserved,
         },
         pg::{EventRow, Inserted, NewEvent},
     },
@@ -143,10 +143,16 @@ impl Engine {
             labels_json: "",
             price_version: "",
         };
-        let reserved = self
+        let mut reserved = self
             .fenced(tenant, || self.hot.reserve(tenant, &call))
             .await
             .map_err(|e| self.account_error(e, subject))?;
+        // The script answers what a granted Reserve would leave; Authorize
+        // answers what a Reserve could hold now (credit.proto), which is
+        // that plus the amount asked (no hold was made).
+        if let ReserveOutcome::Granted { available, .. } = &mut reserved.outcome {
+            *available = available.checked_add(amount).unwrap_or(*available);
+        }
         Ok((reserved, rating))
     }
 
@@ -347,9 +353,18 @@ impl Engine {
                 }
                 return self.recorded_from_row(tenant, row, hash).await;
             }
-            Err(e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, hold = %prepared.hold_id, "usage event not durable; the client should retry");
                 return Err(Error::Unavailable(Box::new(ArcError(e))));
+            }
+            Err(e) => {
+                // PostgreSQL refused this event for good: a retry with the
+                // same payload would fail the same way, so the client is
+                // not told to retry. The hold stays committing and the
+                // reaper reverts it at its deadline (no event exists).
+                tracing::error!(error = %e, hold = %prepared.hold_id, "usage event refused by postgres");
+                crate::metrics::metrics().store_error(crate::metrics::Store::postgres, false);
+                return Err(Error::Internal(Box::new(ArcError(e))));
             }
         }
         self.hot.finalize_later(tenant, prepared.hold_id.clone());

@@ -306,7 +306,7 @@ impl Engine {
                 None => None,
                 Some(text) if text.is_empty() => Some(None),
                 Some(text) => {
-                    Some(Some(Credits::parse_positive(text).map_err(|e| Error::internal(format!("stored cap: {e}")))?))
+                    Some(Some(Credits::parse_stored(text).map_err(|e| Error::internal(format!("stored cap: {e}")))?))
                 }
             };
             self.update_account(

@@ -12,14 +12,80 @@ use creditd::pb::{self, GrantCategory};
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
-use crate::harness::{TENANT, TestApp, assert_status, req};
+use crate::harness::{TENANT, TestApp, assert_status, req, with_key};
 
 const OTHER: &str = "other";
+/// Sends with a runtime key of acme (see `fixture`).
+const RUNTIME: &str = "acme-runtime";
+/// The server's request message limit (common.proto).
+const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Passes request bytes through untouched, to send what a hostile or
+/// broken client would.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        use bytes_put::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use bytes_put::Buf;
+        let mut out = vec![0; buf.remaining()];
+        buf.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+mod bytes_put {
+    pub use prost::bytes::{Buf, BufMut};
+}
 
 /// A fresh idempotency key, so that no two rows could ever collide.
 fn key() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     format!("bad-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Text with a NUL byte.
+const NUL: &str = "a\u{0}b";
+
+/// A CreateGrantRequest one byte over the message limit (its description
+/// is huge; the limit is checked before anything is decoded).
+fn oversize() -> Vec<u8> {
+    use prost::Message;
+    let mut m = create_grant("bob", "1");
+    m.description = "d".repeat(MAX_MESSAGE);
+    let mut bytes = m.encode_to_vec();
+    bytes.truncate(MAX_MESSAGE + 1);
+    bytes
+}
+
+/// A field name built at run time, for a row.
+fn leak(text: String) -> &'static str {
+    Box::leak(text.into_boxed_str())
 }
 
 fn dur(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
@@ -124,7 +190,6 @@ fn void_grant(grant: &str, reason: &str) -> pb::VoidGrantRequest {
 }
 
 /// One RPC with its request.
-#[derive(Debug)]
 enum Call {
     Authorize(pb::AuthorizeRequest),
     Reserve(pb::ReserveRequest),
@@ -143,6 +208,53 @@ enum Call {
     VoidGrant(pb::VoidGrantRequest),
     GetGrant(pb::GetGrantRequest),
     ListGrants(pb::ListGrantsRequest),
+    CreateApiKey(pb::CreateApiKeyRequest),
+    CreateAllowance(pb::CreateAllowanceRequest),
+    AdjustBalance(pb::AdjustBalanceRequest),
+    RequestAccountChange(pb::RequestAccountChangeRequest),
+    DecideAccountChange(pb::DecideAccountChangeRequest),
+    SetWebhook(pb::SetWebhookRequest),
+    /// Bytes sent as the message of `path` (e.g.
+    /// "/creditd.v1.CreditService/Reserve"), with the tenant's key.
+    Raw {
+        path: &'static str,
+        bytes: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&debug_call(self))
+    }
+}
+
+fn debug_call(call: &Call) -> String {
+    match call {
+        Call::Authorize(m) => format!("Authorize({m:?})"),
+        Call::Reserve(m) => format!("Reserve({m:?})"),
+        Call::Commit(m) => format!("Commit({m:?})"),
+        Call::Release(m) => format!("Release({m:?})"),
+        Call::Extend(m) => format!("Extend({m:?})"),
+        Call::Charge(m) => format!("Charge({m:?})"),
+        Call::GetBalance(m) => format!("GetBalance({m:?})"),
+        Call::CreateTenant(m) => format!("CreateTenant({m:?})"),
+        Call::GetTenant(m) => format!("GetTenant({m:?})"),
+        Call::CreateAccount(m) => format!("CreateAccount({m:?})"),
+        Call::UpdateAccount(m) => format!("UpdateAccount({m:?})"),
+        Call::GetAccount(m) => format!("GetAccount({m:?})"),
+        Call::ListAccounts(m) => format!("ListAccounts({m:?})"),
+        Call::CreateGrant(m) => format!("CreateGrant({m:?})"),
+        Call::VoidGrant(m) => format!("VoidGrant({m:?})"),
+        Call::GetGrant(m) => format!("GetGrant({m:?})"),
+        Call::ListGrants(m) => format!("ListGrants({m:?})"),
+        Call::CreateApiKey(m) => format!("CreateApiKey({m:?})"),
+        Call::CreateAllowance(m) => format!("CreateAllowance({m:?})"),
+        Call::AdjustBalance(m) => format!("AdjustBalance({m:?})"),
+        Call::RequestAccountChange(m) => format!("RequestAccountChange({m:?})"),
+        Call::DecideAccountChange(m) => format!("DecideAccountChange({m:?})"),
+        Call::SetWebhook(m) => format!("SetWebhook({m:?})"),
+        Call::Raw { path, bytes } => format!("Raw {path} ({} bytes)", bytes.len()),
+    }
 }
 
 /// Sends `call` as `tenant` (no tenant metadata at all when `None`);
@@ -177,7 +289,22 @@ async fn send(app: &TestApp, tenant: Option<&str>, call: Call) -> Result<String,
         // Tenants are the operator's: a row sent "as a tenant" uses the
         // operator key.
         Call::CreateTenant(m) => admin.create_tenant(as_operator(t, m)).await.map(show),
+        Call::GetTenant(m) if t == Some(RUNTIME) => admin.get_tenant(wrap(t, m)).await.map(show),
         Call::GetTenant(m) => admin.get_tenant(as_operator(t, m)).await.map(show),
+        Call::CreateApiKey(m) => admin.create_api_key(as_operator(t, m)).await.map(show),
+        Call::CreateAllowance(m) => admin.create_allowance(wrap(t, m)).await.map(show),
+        Call::AdjustBalance(m) => admin.adjust_balance(wrap(t, m)).await.map(show),
+        Call::RequestAccountChange(m) => admin.request_account_change(wrap(t, m)).await.map(show),
+        Call::DecideAccountChange(m) => admin.decide_account_change(wrap(t, m)).await.map(show),
+        Call::SetWebhook(m) => app.alerts().set_webhook(wrap(t, m)).await.map(show),
+        Call::Raw { path, bytes } => {
+            let key = app.keys.lock().unwrap()[t.unwrap_or(TENANT)].clone();
+            let mut grpc = tonic::client::Grpc::new(app.raw_admin_channel());
+            grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+            grpc.unary(with_key(&key, bytes), tonic::codegen::http::uri::PathAndQuery::from_static(path), RawCodec)
+                .await
+                .map(|r| format!("{} bytes", r.into_inner().len()))
+        }
         Call::CreateAccount(m) => admin.create_account(wrap(t, m)).await.map(show),
         Call::UpdateAccount(m) => admin.update_account(wrap(t, m)).await.map(show),
         Call::GetAccount(m) => admin.get_account(wrap(t, m)).await.map(show),
@@ -233,6 +360,8 @@ struct Fixture {
 /// live hold.
 async fn fixture() -> (TestApp, Fixture) {
     let app = TestApp::spawn().await;
+    let runtime = app.create_key(TENANT, pb::ApiKeyRole::Runtime).await;
+    app.keys.lock().unwrap().insert(RUNTIME.to_string(), runtime);
     app.account("org", None, false, None).await;
     app.account("alice", Some("org"), true, None).await;
     app.account("bob", Some("org"), false, Some("500")).await;
@@ -374,31 +503,31 @@ fn table(f: &Fixture) -> Vec<Row> {
             "reserve label key with space",
             Reserve(pb::ReserveRequest { labels: labels(&[("bad key", "v")]), ..reserve("alice", "1") }),
             "INVALID_LABELS",
-            "labels",
+            "labels[\"bad key\"]",
         ),
         invalid(
             "reserve label key with colon",
             Reserve(pb::ReserveRequest { labels: labels(&[("a:b", "v")]), ..reserve("alice", "1") }),
             "INVALID_LABELS",
-            "labels",
+            "labels[\"a:b\"]",
         ),
         invalid(
             "reserve empty label key",
             Reserve(pb::ReserveRequest { labels: labels(&[("", "v")]), ..reserve("alice", "1") }),
             "INVALID_LABELS",
-            "labels",
+            "labels[\"\"]",
         ),
         invalid(
             "reserve label key too long",
             Reserve(pb::ReserveRequest { labels: labels(&[(&"k".repeat(65), "v")]), ..reserve("alice", "1") }),
             "INVALID_LABELS",
-            "labels",
+            leak(format!("labels[{:?}]", "k".repeat(65))),
         ),
         invalid(
             "reserve label value too long",
             Reserve(pb::ReserveRequest { labels: labels(&[("k", &"v".repeat(257))]), ..reserve("alice", "1") }),
             "INVALID_LABELS",
-            "labels",
+            "labels[\"k\"]",
         ),
         invalid(
             "reserve 17 labels",
@@ -592,7 +721,7 @@ fn table(f: &Fixture) -> Vec<Row> {
             "charge bad label key",
             Charge(pb::ChargeRequest { labels: labels(&[("{x}", "v")]), ..charge("alice", "1") }),
             "INVALID_LABELS",
-            "labels",
+            "labels[\"{x}\"]",
         ),
         fails(
             "charge usage",
@@ -942,6 +1071,293 @@ fn table(f: &Fixture) -> Vec<Row> {
             "INVALID_ACCOUNT_ID",
             "account_id",
         ),
+        // ---- One rule for free text: no control characters ---------------
+        invalid(
+            "reserve NUL in a label value",
+            Reserve(pb::ReserveRequest { labels: labels(&[("k", NUL)]), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels[\"k\"]",
+        ),
+        invalid(
+            "reserve newline in a label value",
+            Reserve(pb::ReserveRequest { labels: labels(&[("k", "a\nb")]), ..reserve("alice", "1") }),
+            "INVALID_LABELS",
+            "labels[\"k\"]",
+        ),
+        invalid(
+            "commit NUL in a label value",
+            Commit(pb::CommitRequest { labels: labels(&[("k", NUL)]), ..commit(&f.hold, "1") }),
+            "INVALID_LABELS",
+            "labels[\"k\"]",
+        ),
+        invalid(
+            "charge NUL in a label value",
+            Charge(pb::ChargeRequest { labels: labels(&[("k", NUL)]), ..charge("alice", "1") }),
+            "INVALID_LABELS",
+            "labels[\"k\"]",
+        ),
+        invalid(
+            "charge DEL in a label value",
+            Charge(pb::ChargeRequest { labels: labels(&[("k", "a\u{7f}")]), ..charge("alice", "1") }),
+            "INVALID_LABELS",
+            "labels[\"k\"]",
+        ),
+        invalid(
+            "create tenant NUL in display_name",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: "t-nul".into(),
+                display_name: NUL.into(),
+                ..Default::default()
+            }),
+            "INVALID_ARGUMENT",
+            "display_name",
+        ),
+        invalid(
+            "create tenant display_name too long",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: "t-long".into(),
+                display_name: "d".repeat(257),
+                ..Default::default()
+            }),
+            "INVALID_ARGUMENT",
+            "display_name",
+        ),
+        invalid(
+            "create account NUL in display_name",
+            CreateAccount(pb::CreateAccountRequest { display_name: NUL.into(), ..create_account("kid", "org") }),
+            "INVALID_ARGUMENT",
+            "display_name",
+        ),
+        invalid(
+            "create account NUL in tier",
+            CreateAccount(pb::CreateAccountRequest { tier: NUL.into(), ..create_account("kid", "org") }),
+            "INVALID_ARGUMENT",
+            "tier",
+        ),
+        invalid(
+            "update account NUL in display_name",
+            UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "bob".into(),
+                display_name: Some(NUL.into()),
+                ..Default::default()
+            }),
+            "INVALID_ARGUMENT",
+            "display_name",
+        ),
+        invalid(
+            "list accounts NUL in page_token",
+            ListAccounts(pb::ListAccountsRequest { page_token: NUL.into(), ..Default::default() }),
+            "INVALID_ARGUMENT",
+            "page_token",
+        ),
+        invalid(
+            "grant NUL in description",
+            CreateGrant(pb::CreateGrantRequest { description: NUL.into(), ..create_grant("bob", "1") }),
+            "INVALID_ARGUMENT",
+            "description",
+        ),
+        invalid(
+            "grant NUL in reason",
+            CreateGrant(pb::CreateGrantRequest { reason: NUL.into(), ..create_grant("bob", "1") }),
+            "INVALID_ARGUMENT",
+            "reason",
+        ),
+        invalid(
+            "grant NUL in actor",
+            CreateGrant(pb::CreateGrantRequest { actor: NUL.into(), ..create_grant("bob", "1") }),
+            "INVALID_ARGUMENT",
+            "actor",
+        ),
+        invalid("void NUL in reason", VoidGrant(void_grant(&f.grant, NUL)), "INVALID_ARGUMENT", "reason"),
+        invalid(
+            "allowance NUL in description",
+            CreateAllowance(pb::CreateAllowanceRequest {
+                account_id: "bob".into(),
+                amount: "5".into(),
+                description: NUL.into(),
+                idempotency_key: key(),
+                ..Default::default()
+            }),
+            "INVALID_ARGUMENT",
+            "description",
+        ),
+        invalid(
+            "adjust NUL in reason",
+            AdjustBalance(pb::AdjustBalanceRequest {
+                account_id: "bob".into(),
+                amount: "5".into(),
+                reason: NUL.into(),
+                actor: "support".into(),
+                refund: false,
+                idempotency_key: key(),
+            }),
+            "INVALID_ARGUMENT",
+            "reason",
+        ),
+        invalid(
+            "adjust NUL in actor",
+            AdjustBalance(pb::AdjustBalanceRequest {
+                account_id: "bob".into(),
+                amount: "-5".into(),
+                reason: "fix".into(),
+                actor: NUL.into(),
+                refund: false,
+                idempotency_key: key(),
+            }),
+            "INVALID_ARGUMENT",
+            "actor",
+        ),
+        invalid(
+            "request change NUL in note",
+            RequestAccountChange(pb::RequestAccountChangeRequest {
+                account_id: "bob".into(),
+                pool_access: Some(true),
+                note: NUL.into(),
+                idempotency_key: key(),
+                ..Default::default()
+            }),
+            "INVALID_ARGUMENT",
+            "note",
+        ),
+        invalid(
+            "decide change NUL in note",
+            DecideAccountChange(pb::DecideAccountChangeRequest {
+                change_id: unknown_uuid.clone(),
+                approve: true,
+                note: NUL.into(),
+            }),
+            "INVALID_ARGUMENT",
+            "note",
+        ),
+        invalid(
+            "api key NUL in name",
+            CreateApiKey(pb::CreateApiKeyRequest {
+                tenant_id: TENANT.into(),
+                role: pb::ApiKeyRole::Runtime as i32,
+                name: NUL.into(),
+                idempotency_key: key(),
+            }),
+            "INVALID_ARGUMENT",
+            "name",
+        ),
+        invalid(
+            "webhook NUL in url",
+            SetWebhook(pb::SetWebhookRequest {
+                url: "https://hooks.example.com/a\u{0}b".into(),
+                secret: "s".repeat(16),
+                max_attempts: 0,
+            }),
+            "INVALID_ARGUMENT",
+            "url",
+        ),
+        invalid(
+            "webhook NUL in secret",
+            SetWebhook(pb::SetWebhookRequest {
+                url: "http://hooks.example.com/a".into(),
+                secret: format!("{}{NUL}", "s".repeat(16)),
+                max_attempts: 0,
+            }),
+            "INVALID_ARGUMENT",
+            "secret",
+        ),
+        // ---- One amount grammar: digits on both sides of the point -------
+        invalid("reserve trailing point", Reserve(reserve("alice", "1.")), "INVALID_AMOUNT", "amount"),
+        invalid("reserve leading point", Reserve(reserve("alice", ".5")), "INVALID_AMOUNT", "amount"),
+        invalid("charge leading point", Charge(charge("alice", ".5")), "INVALID_AMOUNT", "amount"),
+        invalid("grant trailing point", CreateGrant(create_grant("bob", "10.")), "INVALID_AMOUNT", "amount"),
+        invalid(
+            "reserve usage quantity with a trailing point",
+            Reserve(pb::ReserveRequest {
+                cost: Some(pb::reserve_request::Cost::Usage(pb::Usage {
+                    items: vec![pb::UsageItem { meter: "tasks".into(), model: String::new(), quantity: "1.".into() }],
+                })),
+                ..reserve("alice", "1")
+            }),
+            "INVALID_USAGE",
+            "usage.items[0].quantity",
+        ),
+        // ---- Sub-fields of periods -----------------------------------------
+        invalid(
+            "create account unknown period.time_zone",
+            CreateAccount(pb::CreateAccountRequest {
+                period: Some(pb::BillingPeriod {
+                    kind: pb::PeriodKind::Monthly as i32,
+                    time_zone: "Mars/Olympus".into(),
+                    ..Default::default()
+                }),
+                ..create_account("kid", "org")
+            }),
+            "INVALID_PERIOD",
+            "period.time_zone",
+        ),
+        invalid(
+            "create account trial ending before it starts",
+            CreateAccount(pb::CreateAccountRequest {
+                period: Some(pb::BillingPeriod {
+                    kind: pb::PeriodKind::Trial as i32,
+                    anchor: ts(now, 0),
+                    trial_end: ts(now - 86_400, 0),
+                    ..Default::default()
+                }),
+                ..create_account("kid", "org")
+            }),
+            "INVALID_PERIOD",
+            "period.trial_end",
+        ),
+        invalid(
+            "create tenant unknown default_period.time_zone",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: "t-zone".into(),
+                default_period: Some(pb::BillingPeriod {
+                    kind: pb::PeriodKind::Monthly as i32,
+                    time_zone: "Nowhere/Town".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "INVALID_PERIOD",
+            "default_period.time_zone",
+        ),
+        // ---- Authorization before validation -------------------------------
+        fails(
+            "get tenant with a runtime key and an empty id",
+            GetTenant(pb::GetTenantRequest { tenant_id: String::new() }),
+            Code::PermissionDenied,
+            "WRONG_ROLE",
+        )
+        .sent_by(Some(RUNTIME)),
+        fails(
+            "create account with a runtime key and a bad id",
+            CreateAccount(create_account("a b", "org")),
+            Code::PermissionDenied,
+            "WRONG_ROLE",
+        )
+        .sent_by(Some(RUNTIME)),
+        // ---- Wire-level garbage and size -----------------------------------
+        invalid(
+            "reserve account_id sent as a varint",
+            Raw { path: "/creditd.v1.CreditService/Reserve", bytes: vec![0x08, 0x01] },
+            "MALFORMED_REQUEST",
+            "account_id",
+        ),
+        invalid(
+            "charge with a truncated string",
+            Raw { path: "/creditd.v1.CreditService/Charge", bytes: vec![0x0a, 0x05, b'a'] },
+            "MALFORMED_REQUEST",
+            "account_id",
+        ),
+        invalid(
+            "commit with invalid UTF-8 in a string",
+            Raw { path: "/creditd.v1.CreditService/Commit", bytes: vec![0x0a, 0x02, 0xff, 0xfe] },
+            "MALFORMED_REQUEST",
+            "reservation_id",
+        ),
+        fails(
+            "create grant over the message size limit",
+            Raw { path: "/creditd.v1.AdminService/CreateGrant", bytes: oversize() },
+            Code::ResourceExhausted,
+            "MESSAGE_TOO_LARGE",
+        ),
     ]
 }
 
@@ -955,6 +1371,8 @@ struct Snapshot {
     usage_events: i64,
     ledger_rows: i64,
     idempotency_records: usize,
+    /// Rows of api_keys, allowances, account_changes, adjustments, webhooks.
+    other_rows: Vec<(&'static str, i64)>,
 }
 
 const ACME_ACCOUNTS: [&str; 5] = ["org", "alice", "bob", "d1", "d8"];
@@ -992,9 +1410,17 @@ async fn snapshot(app: &TestApp) -> Snapshot {
         sqlx::query_scalar("SELECT tenant_id FROM tenants ORDER BY tenant_id").fetch_all(&pg).await.unwrap();
     let usage_events: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events").fetch_one(&pg).await.unwrap();
     let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(&pg).await.unwrap();
+    let mut other_rows = Vec::new();
+    for table in ["api_keys", "allowances", "account_changes", "adjustments", "webhooks"] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+        other_rows.push((table, n));
+    }
     pg.close().await;
     let idempotency_records = redis_keys(app, &format!("{}*:i:*", app.backends.key_prefix)).await.len();
-    Snapshot { balances, grants, accounts, tenants, usage_events, ledger_rows, idempotency_records }
+    Snapshot { balances, grants, accounts, tenants, usage_events, ledger_rows, idempotency_records, other_rows }
 }
 
 async fn redis_keys(app: &TestApp, pattern: &str) -> Vec<String> {
@@ -1064,6 +1490,26 @@ async fn malformed_requests_are_refused_and_change_nothing() {
     // The holds the table aimed at are intact and settle normally.
     let c = app.commit(&f.hold, "15", "after-table").await.unwrap();
     assert_eq!((c.amount.as_str(), c.released.as_str(), c.available.as_str()), ("15", "25", "985"));
+}
+
+/// A message over the limit is answered with the limit, before anything
+/// is decoded.
+#[tokio::test]
+async fn an_oversize_message_is_told_the_limit() {
+    let (app, _) = fixture().await;
+    let status =
+        send(&app, Some(TENANT), Call::Raw { path: "/creditd.v1.AdminService/CreateGrant", bytes: oversize() })
+            .await
+            .expect_err("over the limit");
+    assert_status(&status, Code::ResourceExhausted, "MESSAGE_TOO_LARGE", None);
+    assert!(status.message().contains("4194304 bytes"), "{status:?}");
+    // Exactly at the limit is read (and then judged on its content).
+    let mut at_limit = oversize();
+    at_limit.truncate(MAX_MESSAGE);
+    let status = send(&app, Some(TENANT), Call::Raw { path: "/creditd.v1.AdminService/CreateGrant", bytes: at_limit })
+        .await
+        .expect_err("a truncated message");
+    assert_status(&status, Code::InvalidArgument, "MALFORMED_REQUEST", Some("description"));
 }
 
 /// Zero is not an amount to reserve, authorize or grant; it is a valid

@@ -270,6 +270,14 @@ impl TestApp {
         self.channel.clone()
     }
 
+    /// AlertService, with keys injected like `credit` and `admin`.
+    pub fn alerts(&self) -> pb::alert_service_client::AlertServiceClient<Intercepted> {
+        pb::alert_service_client::AlertServiceClient::with_interceptor(
+            self.channel.clone(),
+            KeyInjector { keys: self.keys.clone() },
+        )
+    }
+
     /// PricingService, with keys injected like `credit` and `admin`.
     pub fn credit_pricing(&self) -> PricingServiceClient<Intercepted> {
         self.pricing.clone()

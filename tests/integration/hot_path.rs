@@ -170,7 +170,8 @@ async fn authorize_has_no_side_effects() {
         .unwrap()
         .into_inner();
     assert!(ok.granted);
-    assert_eq!(ok.available, "1");
+    // The largest amount a Reserve could hold now, not what would be left.
+    assert_eq!(ok.available, "1000");
     let no = app
         .credit
         .clone()
@@ -189,6 +190,45 @@ async fn authorize_has_no_side_effects() {
     let b = app.balance("alice").await;
     assert_eq!(b.available, "1000");
     assert_eq!(b.levels[1].held, "0");
+}
+
+/// credit.proto: Authorize's `available` is the largest amount a Reserve
+/// could hold now, granted or denied (a Reserve's is what is left after it).
+#[tokio::test]
+async fn authorize_answers_what_a_reserve_could_hold() {
+    let app = TestApp::spawn().await;
+    app.account("ten", None, false, None).await;
+    app.account("plenty", None, false, Some("30")).await;
+    app.grant("ten", "10", GrantCategory::Plan).await;
+    app.grant("plenty", "100", GrantCategory::Plan).await;
+    let authorize = |account: &str, amount: &str| {
+        let mut credit = app.credit.clone();
+        let request = req(
+            TENANT,
+            pb::AuthorizeRequest {
+                account_id: account.into(),
+                cost: Some(pb::authorize_request::Cost::Amount(amount.into())),
+            },
+        );
+        async move { credit.authorize(request).await.unwrap().into_inner() }
+    };
+    // 10 credits: 10 could be held.
+    let ok = authorize("ten", "8").await;
+    assert!(ok.granted);
+    assert_eq!(ok.available, "10");
+    let all = authorize("ten", "10").await;
+    assert_eq!((all.granted, all.available.as_str()), (true, "10"));
+    let no = authorize("ten", "10.5").await;
+    assert!(!no.granted);
+    assert_eq!(no.available, "10", "granted or denied, the same figure");
+    // 100 credits, a cap of 30: the cap bounds it.
+    let ok = authorize("plenty", "8").await;
+    assert_eq!((ok.granted, ok.available.as_str()), (true, "30"));
+    // Reserve answers what is left after its hold.
+    let r = app.reserve("plenty", "8", "after-authorize").await.unwrap();
+    assert_eq!((r.granted, r.available.as_str()), (true, "22"));
+    let ok = authorize("plenty", "22").await;
+    assert_eq!((ok.granted, ok.available.as_str()), (true, "22"));
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ mod faults;
 mod fencing;
 mod hot_path;
 mod idempotency;
+mod isolation;
 mod observability;
 mod pricing;
 mod recovery;
