@@ -51,6 +51,8 @@ pub struct Engine {
     pub tenants: Tenants,
     /// Wakes the health job at once when a call finds a tenant unloaded.
     pub rebuild_wanted: Arc<Notify>,
+    /// Where alert webhooks may be sent (`webhooks.*` configuration).
+    pub webhooks: Arc<webhooks::WebhookPolicy>,
 }
 
 /// The known tenant ids, cached; PostgreSQL is asked on a miss.
