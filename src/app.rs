@@ -51,6 +51,8 @@ pub enum StartError {
     TlsFile { path: String, source: std::io::Error },
     #[error("price catalog {origin}: {message}")]
     CatalogFile { origin: String, message: String },
+    #[error("webhooks: {0}")]
+    Webhooks(String),
     #[error("cannot load the default price catalog: {0}")]
     Catalog(crate::error::Error),
 }
@@ -140,6 +142,13 @@ impl App {
             },
             tenants: Tenants::default(),
             recovery: Default::default(),
+            webhooks: std::sync::Arc::new(
+                crate::service::webhooks::WebhookPolicy::new(
+                    &config.webhooks.allow_destinations,
+                    &config.webhooks.ca_file,
+                )
+                .map_err(StartError::Webhooks)?,
+            ),
         };
         if config.pricing.load_default_catalog {
             let catalog = default_catalog(&config)?;

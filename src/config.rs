@@ -22,7 +22,19 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub reconcile: ReconcileConfig,
     pub metrics: MetricsConfig,
+    pub webhooks: WebhooksConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Comma-separated CIDRs webhooks may reach although they are
+    /// loopback, private, link-local or otherwise internal; "" = none.
+    pub allow_destinations: String,
+    /// Extra PEM roots for https webhooks, beside the built-in Mozilla
+    /// roots; "" = none.
+    pub ca_file: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -307,6 +319,9 @@ impl Config {
                 Ok(u) => return invalid(key, &format!("scheme {:?} is not one of {schemes:?}", u.scheme())),
                 Err(e) => return invalid(key, &format!("is not a URL ({e})")),
             }
+        }
+        if let Err(e) = crate::service::webhooks::parse_cidrs(&self.webhooks.allow_destinations) {
+            return invalid("webhooks.allow_destinations", &e);
         }
         if self.redis.key_prefix.contains(['{', '}', ' ']) {
             return invalid("redis.key_prefix", "must not contain braces or spaces");

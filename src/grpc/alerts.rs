@@ -172,9 +172,8 @@ impl AlertService for AlertApi {
         let tenant = tenant(&self.engine, &request, Need::Admin).await?;
         let r = request.into_inner();
         let url_text = convert::text("url", r.url, 2048)?;
-        let url = url::Url::parse(&url_text).ok().filter(|u| u.scheme() == "http" && u.host().is_some()).ok_or_else(
-            || Error::invalid("url", Reason::InvalidArgument, "must be an http:// URL (https is not supported yet)"),
-        )?;
+        let url = url::Url::parse(&url_text)
+            .map_err(|e| Error::invalid("url", Reason::InvalidArgument, format!("is not a URL ({e})")))?;
         let secret = convert::text("secret", r.secret, 256)?;
         if secret.chars().count() < 16 {
             return Err(Error::invalid("secret", Reason::InvalidArgument, "must be 16 to 256 characters").into());
@@ -186,6 +185,10 @@ impl AlertService for AlertApi {
                 return Err(Error::invalid("max_attempts", Reason::InvalidArgument, "must be between 0 and 100").into());
             }
         };
+        // Last, as it may resolve the host: http(s), no credentials, and no
+        // internal address unless allowlisted (checked again at each
+        // delivery).
+        self.engine.webhooks.resolve(&url).await.map_err(|e| Error::invalid("url", Reason::InvalidArgument, e))?;
         let webhook = Webhook { url: url.to_string(), secret, max_attempts };
         self.engine.pg.set_webhook(&tenant, &webhook).await.map_err(Error::from)?;
         tracing::info!(tenant, url = %webhook.url, "webhook set");

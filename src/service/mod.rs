@@ -49,6 +49,8 @@ pub struct Engine {
     pub tenants: Tenants,
     /// Checks and rebuilds of tenants' hot state under way here.
     pub recovery: fence::Recovery,
+    /// Where alert webhooks may be sent (`webhooks.*` configuration).
+    pub webhooks: Arc<webhooks::WebhookPolicy>,
 }
 
 /// The known tenant ids, cached; PostgreSQL is asked on a miss.

@@ -1253,7 +1253,7 @@ fn table(f: &Fixture) -> Vec<Row> {
         invalid(
             "webhook NUL in secret",
             SetWebhook(pb::SetWebhookRequest {
-                url: "http://hooks.example.com/a".into(),
+                url: "https://203.0.113.10/a".into(),
                 secret: format!("{}{NUL}", "s".repeat(16)),
                 max_attempts: 0,
             }),
