@@ -255,6 +255,10 @@ for name in names:
             for probe in ("startupProbe", "readinessProbe"):
                 check(c.get(probe, {}).get("grpc", {}).get("port") == c["ports"][0]["containerPort"],
                       f"{name}: {probe} must be a gRPC probe on the gRPC port")
+        live = c.get("livenessProbe", {}).get("grpc")
+        if live is not None:
+            check(live.get("service") == "creditd.liveness",
+                  f"{name}: the gRPC liveness probe must ask creditd.liveness (a Redis outage must not restart pods)")
         check(pod["terminationGracePeriodSeconds"] > 10, f"{name}: terminationGracePeriodSeconds")
     for svc in by_kind.get("Service", []):
         for p in svc["spec"]["ports"]:

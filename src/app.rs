@@ -291,7 +291,14 @@ fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::
     })
 }
 
+/// The name of the health service that answers SERVING for as long as the
+/// process answers at all: what a liveness probe should ask, so that an
+/// outage of Redis (which turns every other name NOT_SERVING) never
+/// restarts the replicas.
+pub const LIVENESS_SERVICE: &str = "creditd.liveness";
+
 async fn report_health(reporter: tonic_health::server::HealthReporter, mut status: watch::Receiver<Serving>) {
+    reporter.set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving).await;
     loop {
         let serving = *status.borrow_and_update();
         let state = match serving {

@@ -676,3 +676,28 @@ async fn fault_tools_do_what_they_say_and_leave_nothing_behind() {
     .await;
     echo_task.abort();
 }
+
+/// Liveness follows the process, readiness follows Redis: with Redis gone,
+/// every service name reports NOT_SERVING except `creditd.liveness`, so a
+/// liveness probe asking it never restarts replicas during an outage.
+#[tokio::test]
+async fn liveness_stays_serving_while_redis_is_down() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let mut redis = RedisServer::start().await;
+    let mut backends = Backends::fresh().await;
+    backends.redis_url = redis.url();
+    let app = TestApp::spawn_on(backends, &[("redis.timeout", "500ms")]).await;
+    let health = HealthClient::new(app.raw_admin_channel());
+    let status = |name: &'static str| {
+        let mut health = health.clone();
+        async move {
+            health.check(HealthCheckRequest { service: name.into() }).await.expect("health answers").into_inner().status
+        }
+    };
+    assert_eq!(status("creditd.liveness").await, ServingStatus::Serving as i32);
+    assert_eq!(status("").await, ServingStatus::Serving as i32);
+    redis.kill();
+    eventually(Duration::from_secs(10), || async { status("").await == ServingStatus::NotServing as i32 }).await;
+    assert_eq!(status("creditd.v1.CreditService").await, ServingStatus::NotServing as i32);
+    assert_eq!(status("creditd.liveness").await, ServingStatus::Serving as i32, "the process is alive");
+}
