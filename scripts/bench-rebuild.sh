@@ -23,10 +23,11 @@
 #     reps=N     measured rounds of this phase
 #   default:
 #     acc1k:1:1000 acc10k:1:10000 acc100k:1:100000:untouched
-#     ten10:10:1000 ten100:100:1000 ten1000:1000:1000:reps=2
+#     ten10:10:1000 ten100:100:1000 ten1000:1000:1000:reps=1
 #     acc1knj:1:1000:nojit acc100knj:1:100000:nojit,untouched ten100nj:100:1000:nojit
 #     ten1000nj:1000:1000:nojit,reps=2
 #   CREDITD_REBUILD_REPS=3         measured rounds per phase
+#   CREDITD_REBUILD_APPEND=1       append to today's rebuild-<date>.jsonl
 #   CREDITD_BENCH_OUT=DIR          write results elsewhere
 set -euo pipefail
 
@@ -41,7 +42,7 @@ export CREDITD_PG_THROWAWAY=0
 PHASES=("$@")
 if [[ ${#PHASES[@]} -eq 0 ]]; then
     PHASES=(acc1k:1:1000 acc10k:1:10000 acc100k:1:100000:untouched ten10:10:1000 ten100:100:1000
-        ten1000:1000:1000:reps=2
+        ten1000:1000:1000:reps=1
         acc1knj:1:1000:nojit acc100knj:1:100000:nojit,untouched ten100nj:100:1000:nojit ten1000nj:1000:1000:nojit,reps=2)
 fi
 
@@ -128,7 +129,8 @@ export REDIS_URL="redis://127.0.0.1:$REDISPORT/"
 DATE="$(date -u +%Y-%m-%d)"
 mkdir -p "$OUT_DIR"
 JSONL="$OUT_DIR/rebuild-$DATE.jsonl"
-: >"$JSONL"
+# CREDITD_REBUILD_APPEND=1: add to today's results instead of starting over.
+[[ "${CREDITD_REBUILD_APPEND:-0}" == 1 ]] || : >"$JSONL"
 LABEL="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo '+changes')"
 
 for phase in "${PHASES[@]}"; do

@@ -839,7 +839,10 @@ async fn untouched(ctx: Arc<Ctx>, big: Arc<Tenant>, quiet: Arc<Tenant>) -> AnyRe
 
 async fn run(args: Args) -> AnyResult<()> {
     let pg = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&args.database_url).await?;
-    let redis = redis::Client::open(args.redis_url.as_str())?.get_multiplexed_async_connection().await?;
+    let mut redis = redis::Client::open(args.redis_url.as_str())?.get_multiplexed_async_connection().await?;
+    // A synchronous FLUSHALL of a million keys takes longer than the
+    // client's default 500 ms response timeout.
+    redis.set_response_timeout(Duration::from_secs(300));
     let mut credit = Vec::new();
     let mut admin = None;
     for _ in 0..4 {
