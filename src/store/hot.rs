@@ -1022,21 +1022,37 @@ impl HotStore {
     /// First step of a rebuild: marks the fence unloaded (every script then
     /// refuses to decide for the tenant) and removes every other key of the
     /// tenant: holds, idempotency records and counters of a state that was
-    /// behind. When the fence did not exist the tenant has no key at all
-    /// (a new or emptied Redis: the fence is the first key a tenant gets
-    /// and the last it loses), and the scan, which walks the whole
-    /// keyspace, is skipped. Returns whether it scanned.
+    /// behind. When neither the fence nor a legacy `epoch` key nor any
+    /// hold is there, the tenant has no key that matters (a new or emptied
+    /// Redis: the fence is the first key a tenant gets and the last it
+    /// loses), and the scan, which walks the whole keyspace, is skipped.
+    /// Returns whether it scanned.
     pub async fn unload_tenant(&self, tenant: &str) -> HotResult<bool> {
         let keys = self.keys(tenant);
         let reply = self.fence_call(tenant, &["unload"]).await?;
         let r = Reply::new(&reply);
-        match r.head()? {
-            "ok" if r.text(1)? == "0" => return Ok(false),
-            "ok" => {}
+        let existed = match r.head()? {
+            "ok" => r.text(1)? == "1",
             other => return Err(r.failure(other)),
+        };
+        let mut conn = self.conn().await?;
+        if !existed {
+            // No fence: the tenant has no key at all, unless a version
+            // before fences wrote its state (an `epoch` key) or holds of a
+            // state whose fence was lost are left: those would return
+            // credits the rebuilt state never held. (One slot: the keys
+            // share the tenant's hash tag.)
+            let left: u64 = redis::cmd("EXISTS")
+                .arg(format!("{}epoch", keys.prefix()))
+                .arg(keys.holds())
+                .arg(keys.committing())
+                .query_async(&mut conn)
+                .await?;
+            if left == 0 {
+                return Ok(false);
+            }
         }
         let fence_key = keys.fence();
-        let mut conn = self.conn().await?;
         // Drop whatever the tenant had (holds of a lost state, stale keys).
         let mut cursor: u64 = 0;
         loop {

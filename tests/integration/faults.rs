@@ -286,6 +286,27 @@ async fn postgres_unreachable_for_ten_seconds() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // A commit in doubt when the outage starts, as a replica leaves one
+    // that dies between its Redis step and its PostgreSQL write (a Commit
+    // that meets the outage itself fails before Redis: its key cannot be
+    // checked): it must stay committing until PostgreSQL can answer.
+    let doubt = a.reserve("u0", "1", "in-doubt").await.unwrap();
+    let doubt_event = uuid::Uuid::now_v7().to_string();
+    crate::recovery::hot_store(&a)
+        .await
+        .commit(
+            TENANT,
+            &creditd::store::hot::CommitCall {
+                target: creditd::store::hot::CommitTarget::Hold(&doubt.reservation_id),
+                cost: creditd::domain::Credits::from_whole(1).unwrap(),
+                idempotency_key: "in-doubt",
+                payload_hash: &creditd::service::payload_hash(&["in-doubt"]),
+                event_id: &doubt_event,
+            },
+        )
+        .await
+        .unwrap();
+
     // ---- the outage
     proxy.cut_all().await;
     pg_down.store(true, Ordering::Relaxed);
