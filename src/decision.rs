@@ -55,6 +55,9 @@ pub enum HoldState {
     Committed,
     Released,
     Expired,
+    /// Its commit was reverted: no usage event was recorded before the
+    /// commit's deadline, so the charge was undone.
+    Reverted,
 }
 
 impl HoldState {
@@ -63,6 +66,7 @@ impl HoldState {
             "committing" => Some(Self::Committing),
             "committed" => Some(Self::Committed),
             "released" => Some(Self::Released),
+            "reverted" => Some(Self::Reverted),
             "expired" => Some(Self::Expired),
             _ => None,
         }

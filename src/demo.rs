@@ -26,6 +26,7 @@ pub async fn seed(engine: &Engine, max_depth: u32) -> Result<String> {
             time_zone: "UTC".into(),
             period: None,
             grant_limits: Default::default(),
+            commit_limit: Default::default(),
         })
         .await?;
     let account = |id: &str, parent: Option<&str>, kind: &str, pool: bool, cap: Option<i64>| NewAccount {

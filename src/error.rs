@@ -36,6 +36,8 @@ pub enum Reason {
     ReservationCommitted,
     ReservationReleased,
     ReservationExpired,
+    CommitReverted,
+    CommitLimitExceeded,
     GrantNotLive,
     InvalidUsage,
     UnknownMeter,
@@ -85,6 +87,8 @@ impl Reason {
             Reason::ReservationCommitted => "RESERVATION_COMMITTED",
             Reason::ReservationReleased => "RESERVATION_RELEASED",
             Reason::ReservationExpired => "RESERVATION_EXPIRED",
+            Reason::CommitReverted => "COMMIT_REVERTED",
+            Reason::CommitLimitExceeded => "COMMIT_LIMIT_EXCEEDED",
             Reason::GrantNotLive => "GRANT_NOT_LIVE",
             Reason::InvalidUsage => "INVALID_USAGE",
             Reason::UnknownMeter => "UNKNOWN_METER",
@@ -222,6 +226,10 @@ impl From<HotError> for Error {
             HotError::NoHold => Error::NotFound(Reason::ReservationNotFound, "reservation not found".into()),
             HotError::TooDeep => Error::invalid("account_id", Reason::TreeTooDeep, "is in a tree deeper than allowed"),
             HotError::NotLoaded => Error::Loading,
+            HotError::OverLimit(bound) => Error::FailedPrecondition(
+                Reason::CommitLimitExceeded,
+                format!("the cost is above the tenant's commit limit of {bound}; nothing changed"),
+            ),
             e if e.is_transient() => {
                 if matches!(e, HotError::Redis(_)) {
                     metrics().store_error(Store::redis, true);

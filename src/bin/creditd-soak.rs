@@ -1834,10 +1834,13 @@ async fn audit(args: AuditArgs) -> AnyResult<bool> {
                 HoldFate::Released => &["released"],
                 HoldFate::Expire => &["expired"],
                 // A commit that failed definitively found the hold expired,
-                // released (reverted) or gone.
-                HoldFate::CommitFailed { .. } => &["expired", "released"],
-                HoldFate::ReleaseFailed { .. } => &["expired", "released", "committed"],
-                HoldFate::CommitAbandoned { .. } | HoldFate::ReleaseAbandoned => &["expired", "released", "committed"],
+                // released, reverted or gone, or was above the commit limit
+                // (the hold then expired).
+                HoldFate::CommitFailed { .. } => &["expired", "released", "reverted"],
+                HoldFate::ReleaseFailed { .. } => &["expired", "released", "reverted", "committed"],
+                HoldFate::CommitAbandoned { .. } | HoldFate::ReleaseAbandoned => {
+                    &["expired", "released", "reverted", "committed"]
+                }
             };
             let label = match &h.fate {
                 HoldFate::Committed { .. } => "committed",

@@ -4,6 +4,7 @@
 pub mod grant;
 pub mod hmac;
 pub mod ids;
+pub mod limit;
 pub mod money;
 pub mod period;
 pub mod pricing;

@@ -100,6 +100,7 @@ impl AdminService for AdminApi {
                 time_zone,
                 period: convert::period_spec("default_period", r.default_period)?,
                 grant_limits: grant_limits(r.grant_limits)?,
+                commit_limit: convert::commit_limit("commit_limit", r.commit_limit)?,
             })
             .await?;
         Ok(Response::new(convert::tenant(&tenant)))

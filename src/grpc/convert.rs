@@ -15,6 +15,7 @@ use crate::{
         Credits,
         grant::Category,
         ids,
+        limit::CommitLimit,
         pricing::{self, Rating, UsageItem},
     },
     error::{Error, Reason, Result},
@@ -403,7 +404,46 @@ pub fn tenant(t: &TenantRow) -> pb::Tenant {
         created_at: Some(timestamp(t.created_at)),
         default_period: Some(period_pb(&t.period)),
         grant_limits: t.grant_limits.clone().into_iter().collect(),
+        commit_limit: Some(pb::CommitLimit {
+            hold_multiple: t.commit_limit.hold_multiple.to_string(),
+            allowance: t.commit_limit.allowance.to_string(),
+            charge_max: t.commit_limit.charge_max.map(|c| c.to_string()).unwrap_or_default(),
+        }),
     }
+}
+
+/// A request's commit limit; unset parts take their defaults (admin.proto).
+pub fn commit_limit(field: &str, limit: Option<pb::CommitLimit>) -> Result<CommitLimit> {
+    let limit = limit.unwrap_or_default();
+    let mut out = CommitLimit::default();
+    if !limit.hold_multiple.is_empty() {
+        out.hold_multiple = limit
+            .hold_multiple
+            .parse::<u32>()
+            .ok()
+            .filter(|m| {
+                (1..=CommitLimit::MAX_HOLD_MULTIPLE).contains(m)
+                    && limit.hold_multiple.bytes().all(|b| b.is_ascii_digit())
+            })
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("{field}.hold_multiple"),
+                    Reason::InvalidArgument,
+                    format!("must be a whole number from 1 to {}", CommitLimit::MAX_HOLD_MULTIPLE),
+                )
+            })?;
+    }
+    if !limit.allowance.is_empty() {
+        out.allowance = Credits::parse_non_negative(&limit.allowance)
+            .map_err(|e| Error::invalid(format!("{field}.allowance"), Reason::InvalidAmount, e))?;
+    }
+    if !limit.charge_max.is_empty() {
+        out.charge_max = Some(
+            Credits::parse_positive(&limit.charge_max)
+                .map_err(|e| Error::invalid(format!("{field}.charge_max"), Reason::InvalidAmount, e))?,
+        );
+    }
+    Ok(out)
 }
 
 /// A request's billing period; `None` when unset. Checked by the caller

@@ -9,8 +9,12 @@
 -- ARGV[4] idempotency ttl ms   ARGV[5] deadline ms from now
 -- ARGV[6] event id   ARGV[7] idempotency key (kept on the hold for revert)
 -- ARGV[8] max depth
--- For Charge (no prior hold): ARGV[9] = 'charge', ARGV[10] subject,
--- ARGV[11] labels; the hold is created here already committing.
+-- ARGV[9] hold multiple   ARGV[10] allowance (micro)   ARGV[11] charge max
+-- (micro, '' = none): the tenant's commit limit. A cost above
+-- hold amount × multiple + allowance (Charge: above charge max) is refused
+-- with {'over_limit', bound} before anything changes.
+-- For Charge (no prior hold): ARGV[12] = 'charge', ARGV[13] subject,
+-- ARGV[14] labels; the hold is created here already committing.
 --
 -- The idempotency record KEYS[4] is the string "<payload hash>,<hold id>";
 -- the first reply is rebuilt from the hold, which keeps what the commit
@@ -29,10 +33,10 @@
 --   service confirms it in PostgreSQL with the usage event (fence.lua).
 --   {'state', st} when the hold is not active (st: committing, committed,
 --    released, expired) | {'no_hold'} | {'mismatch'} | {'not_loaded'} | {'unverified'}
---   | {'not_found'} | {'too_deep'} | {'broken'}
+--   | {'not_found'} | {'too_deep'} | {'broken'} | {'over_limit', bound}
 local prefix = ARGV[1]
 local cost = tonumber(ARGV[2])
-local charge = ARGV[9] == 'charge'
+local charge = ARGV[12] == 'charge'
 local max_depth = tonumber(ARGV[8])
 
 local epoch, refused = fence_check(KEYS[1])
@@ -80,7 +84,8 @@ local hold_id = string.sub(KEYS[2], string.len(prefix) + 3)
 local accts = {}
 local chain
 if charge then
-  local subject = ARGV[10]
+  if ARGV[11] ~= '' and cost > tonumber(ARGV[11]) then return { 'over_limit', ARGV[11] } end
+  local subject = ARGV[13]
   local why
   chain, why = load_chain(prefix, subject, max_depth)
   if not chain then return { why } end
@@ -88,12 +93,17 @@ if charge then
   for i = 1, draw_len(chain) do ids[#ids + 1] = chain[i].id; zeros[#zeros + 1] = '0' end
   for i = 1, #chain do cc[#cc + 1] = chain[i].id end
   hold = { sub = subject, amt = 0, dc = table.concat(ids, ','), d = table.concat(zeros, ','),
-           cc = table.concat(cc, ','), exp = now, st = 'active', lab = ARGV[11], ep = epoch }
+           cc = table.concat(cc, ','), exp = now, st = 'active', lab = ARGV[14], ep = epoch }
 else
   hold = load_hold(KEYS[2])
   if not hold then return { 'no_hold' } end
   if hold.st == 'active' and hold.exp <= now then return { 'state', 'expired' } end
   if hold.st ~= 'active' then return { 'state', hold.st } end
+  -- Exact while the bound is below 2^53 micro (every accepted amount is
+  -- below 10^15); above that no cost can reach it anyway.
+  local bound = hold.amt * tonumber(ARGV[9]) + tonumber(ARGV[10])
+  if bound > 9007199254740992 then bound = 9007199254740992 end
+  if cost > bound then return { 'over_limit', fmt(bound) } end
   -- The subject's chain as it is now (for the available figure), which is
   -- usually the hold's own.
   chain = load_chain(prefix, hold.sub, max_depth)

@@ -8,7 +8,7 @@
 -- becomes 'committed' (one call settles a whole group commit's holds of a
 -- tenant).
 -- revert: no usage event exists and none can appear any more; the charge is
--- undone (credits and cap usage return), the hold becomes 'released' and
+-- undone (credits and cap usage return), the hold becomes 'reverted' and
 -- the commit's idempotency record is deleted so a retry cannot replay it.
 -- Replies: finalize {'ok', holds finalized}; revert {'ok'} | {'skip', state}
 -- (nothing to do) | {'early'} (deadline not reached: a retry of the commit
@@ -48,7 +48,7 @@ for i = 1, #cc do
   if cost ~= 0 then redis.call('HINCRBY', prefix .. 'a:' .. cc[i], 'u', -cost) end
 end
 if f[6] then redis.call('DEL', f[6]) end
-redis.call('HSET', KEYS[2], 'st', 'released')
+redis.call('HSET', KEYS[2], 'st', 'reverted')
 redis.call('ZREM', KEYS[1], hold_id)
 redis.call('PEXPIRE', KEYS[2], ttl)
 return { 'ok' }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{Engine, payload_hash};
 use crate::{
-    domain::{Credits, grant::Category, money::MAX_BALANCE},
+    domain::{Credits, grant::Category, limit::CommitLimit, money::MAX_BALANCE},
     error::{Error, Reason, Result},
     service::policy::rule_of,
     store::{
@@ -33,6 +33,7 @@ pub struct NewTenant {
     /// `None`: calendar months in `time_zone`.
     pub period: Option<PeriodSpec>,
     pub grant_limits: BTreeMap<String, i32>,
+    pub commit_limit: CommitLimit,
 }
 
 pub struct NewAccount {
@@ -94,6 +95,7 @@ impl Engine {
             created_at: Utc::now(),
             period,
             grant_limits: t.grant_limits,
+            commit_limit: t.commit_limit,
         };
         // The hot state of a new tenant is empty: mark it loaded before the
         // tenant becomes visible, so no replica ever sees it unloaded. An
@@ -111,14 +113,15 @@ impl Engine {
             && stored.currency == wanted.currency
             && stored.time_zone == wanted.time_zone
             && stored.period == wanted.period
-            && stored.grant_limits == wanted.grant_limits;
+            && stored.grant_limits == wanted.grant_limits
+            && stored.commit_limit == wanted.commit_limit;
         if !created && !same {
             return Err(Error::AlreadyExists(
                 Reason::TenantExists,
                 format!("tenant {} exists with other settings", stored.tenant_id),
             ));
         }
-        self.tenants.insert(&stored.tenant_id);
+        self.tenants.insert(&stored.tenant_id, stored.commit_limit);
         if created {
             tracing::info!(tenant = %stored.tenant_id, "tenant created");
         }

@@ -200,6 +200,7 @@ impl Engine {
         if let Some(row) = self.pg.event_by_key(tenant, "commit", &input.idempotency_key).await? {
             return self.recorded_from_row(tenant, row, &hash).await;
         }
+        let limit = self.commit_limit(tenant).await?;
         let event_id = Uuid::now_v7().to_string();
         let call = CommitCall {
             target: CommitTarget::Hold(&rid),
@@ -207,6 +208,7 @@ impl Engine {
             idempotency_key: &input.idempotency_key,
             payload_hash: &hash,
             event_id: &event_id,
+            limit,
         };
         let prepared = match self.fenced(tenant, || self.hot.commit(tenant, &call)).await {
             Ok(prepared) => prepared,
@@ -224,6 +226,13 @@ impl Engine {
                     })
                     .await;
             }
+            Err(HotError::OverLimit(bound)) => {
+                return Err(over_limit(format!(
+                    "a cost of {cost} is above this reservation's commit limit of {bound} \
+                     (the tenant's commit_limit: hold × hold_multiple + allowance); nothing changed and the \
+                     reservation is still active"
+                )));
+            }
             Err(e) => return Err(self.hot_error(e)),
         };
         let mut labels = prepared.labels.clone();
@@ -240,6 +249,7 @@ impl Engine {
         if let Some(row) = self.pg.event_by_key(tenant, "charge", &input.idempotency_key).await? {
             return self.recorded_from_row(tenant, row, &hash).await;
         }
+        let limit = self.commit_limit(tenant).await?;
         let event_id = Uuid::now_v7().to_string();
         let call = CommitCall {
             target: CommitTarget::Charge { subject: &input.subject, labels_json: &labels_json },
@@ -247,6 +257,7 @@ impl Engine {
             idempotency_key: &input.idempotency_key,
             payload_hash: &hash,
             event_id: &event_id,
+            limit,
         };
         let prepared = match self.fenced(tenant, || self.hot.commit(tenant, &call)).await {
             Ok(prepared) => prepared,
@@ -261,6 +272,12 @@ impl Engine {
                         ))
                     })
                     .await;
+            }
+            Err(HotError::OverLimit(bound)) => {
+                return Err(over_limit(format!(
+                    "a cost of {cost} is above the largest Charge of {bound} (the tenant's commit_limit.charge_max); \
+                     nothing changed"
+                )));
             }
             Err(e) => return Err(self.account_error(e, &input.subject)),
         };
@@ -500,8 +517,17 @@ fn hold_state_error(rid: &str, state: HoldState) -> Error {
         HoldState::Committing | HoldState::Committed => (Reason::ReservationCommitted, "already committed"),
         HoldState::Released => (Reason::ReservationReleased, "already released"),
         HoldState::Expired => (Reason::ReservationExpired, "expired"),
+        HoldState::Reverted => (
+            Reason::CommitReverted,
+            "not committed: its commit could not be recorded before its deadline, so it was reverted \
+             (no usage was recorded and its credits returned; record the usage with Charge)",
+        ),
     };
     Error::FailedPrecondition(reason, format!("reservation {rid} is {what}"))
+}
+
+fn over_limit(detail: String) -> Error {
+    Error::FailedPrecondition(Reason::CommitLimitExceeded, detail)
 }
 
 fn labels_json(labels: &BTreeMap<String, String>) -> String {

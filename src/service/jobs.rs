@@ -259,8 +259,8 @@ impl Engine {
             tracing::warn!(error = %e, "redis unreachable: not serving");
             return Serving::No;
         }
-        match self.pg.tenant_ids().await {
-            Ok(ids) => self.tenants.replace(ids),
+        match self.pg.tenant_limits().await {
+            Ok(tenants) => self.tenants.replace(tenants),
             Err(e) => {
                 tracing::warn!(error = %e, "postgres unreachable");
                 return if self.tenants.all().is_empty() { Serving::No } else { Serving::Yes };

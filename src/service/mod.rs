@@ -13,7 +13,7 @@ pub mod reports;
 pub mod webhooks;
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     auth::KeyStore,
+    domain::limit::CommitLimit,
     error::{Error, Reason, Result},
     store::{hot::HotStore, pg::PgStore},
 };
@@ -53,40 +54,46 @@ pub struct Engine {
     pub webhooks: Arc<webhooks::WebhookPolicy>,
 }
 
-/// The known tenant ids, cached; PostgreSQL is asked on a miss.
+/// The known tenants with their commit limits, cached; PostgreSQL is asked
+/// on a miss, and the health job reloads the whole set every pass.
 #[derive(Clone, Default)]
 pub struct Tenants {
-    ids: Arc<RwLock<HashSet<String>>>,
+    known: Arc<RwLock<HashMap<String, CommitLimit>>>,
 }
 
 impl Tenants {
-    pub fn insert(&self, tenant: &str) {
-        self.ids.write().expect("tenant cache lock").insert(tenant.to_string());
+    pub fn insert(&self, tenant: &str, limit: CommitLimit) {
+        self.known.write().expect("tenant cache lock").insert(tenant.to_string(), limit);
     }
 
-    pub fn replace(&self, ids: Vec<String>) {
-        *self.ids.write().expect("tenant cache lock") = ids.into_iter().collect();
+    pub fn replace(&self, tenants: Vec<(String, CommitLimit)>) {
+        *self.known.write().expect("tenant cache lock") = tenants.into_iter().collect();
     }
 
     pub fn all(&self) -> Vec<String> {
-        self.ids.read().expect("tenant cache lock").iter().cloned().collect()
+        self.known.read().expect("tenant cache lock").keys().cloned().collect()
     }
 
-    pub fn contains(&self, tenant: &str) -> bool {
-        self.ids.read().expect("tenant cache lock").contains(tenant)
+    pub fn get(&self, tenant: &str) -> Option<CommitLimit> {
+        self.known.read().expect("tenant cache lock").get(tenant).copied()
     }
 }
 
 impl Engine {
     /// Fails with NOT_FOUND unless the tenant exists.
     pub async fn require_tenant(&self, tenant: &str) -> Result<()> {
-        if self.tenants.contains(tenant) {
-            return Ok(());
+        self.commit_limit(tenant).await.map(|_| ())
+    }
+
+    /// The tenant's commit limit (NOT_FOUND unless the tenant exists).
+    pub async fn commit_limit(&self, tenant: &str) -> Result<CommitLimit> {
+        if let Some(limit) = self.tenants.get(tenant) {
+            return Ok(limit);
         }
         match self.pg.tenant(tenant).await? {
-            Some(_) => {
-                self.tenants.insert(tenant);
-                Ok(())
+            Some(row) => {
+                self.tenants.insert(tenant, row.commit_limit);
+                Ok(row.commit_limit)
             }
             None => Err(Error::NotFound(Reason::TenantNotFound, format!("tenant {tenant} not found"))),
         }

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     decision::{Denial, DenialReason, HoldState},
-    domain::Credits,
+    domain::{Credits, limit::CommitLimit},
 };
 
 const PRELUDE: &str = include_str!("../lua/prelude.lua");
@@ -113,6 +113,9 @@ pub enum HotError {
     NoHold,
     #[error("reservation is {0:?}")]
     HoldState(HoldState),
+    /// The commit's cost is above the tenant's bound (which is given).
+    #[error("the cost is above the commit limit {0}")]
+    OverLimit(Credits),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a Redis script: {0}")]
@@ -494,7 +497,10 @@ impl HotStore {
             .arg(millis(self.timings.commit_deadline))
             .arg(call.event_id)
             .arg(call.idempotency_key)
-            .arg(self.max_depth);
+            .arg(self.max_depth)
+            .arg(call.limit.hold_multiple)
+            .arg(call.limit.allowance.micros())
+            .arg(call.limit.charge_max.map(|c| c.micros().to_string()).unwrap_or_default());
         if let Some((subject, labels_json)) = charge {
             cmd.arg("charge").arg(subject).arg(labels_json);
         }
@@ -1160,6 +1166,9 @@ pub struct CommitCall<'a> {
     pub idempotency_key: &'a str,
     pub payload_hash: &'a str,
     pub event_id: &'a str,
+    /// The tenant's bound on the cost (checked after the idempotency
+    /// record, before any change).
+    pub limit: CommitLimit,
 }
 
 pub struct ExtendCall<'a> {
@@ -1274,6 +1283,10 @@ impl<'a> Reply<'a> {
             "broken" => HotError::Broken,
             "mismatch" => HotError::KeyReused,
             "no_hold" => HotError::NoHold,
+            "over_limit" => match self.credits(1) {
+                Ok(bound) => HotError::OverLimit(bound),
+                Err(e) => e,
+            },
             "state" => match self.0.get(1).and_then(|s| HoldState::parse(s)) {
                 Some(state) => HotError::HoldState(state),
                 None => HotError::Protocol(format!("hold state {:?}", self.0.get(1))),

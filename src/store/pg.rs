@@ -22,6 +22,7 @@ use crate::auth::{KeyRecord, Role};
 use crate::domain::{
     Credits,
     grant::{Category, SpendKey, allocate},
+    limit::CommitLimit,
 };
 use crate::store::hot::Fenced;
 
@@ -72,6 +73,14 @@ impl PgError {
 
 pub type PgResult<T> = Result<T, PgError>;
 
+fn commit_limit(multiple: i32, allowance: Decimal, charge_max: Option<Decimal>) -> PgResult<CommitLimit> {
+    Ok(CommitLimit {
+        hold_multiple: u32::try_from(multiple).unwrap_or(CommitLimit::DEFAULT_HOLD_MULTIPLE),
+        allowance: credits(allowance)?,
+        charge_max: charge_max.map(credits).transpose()?,
+    })
+}
+
 pub(crate) fn credits(value: Decimal) -> PgResult<Credits> {
     Credits::try_from_decimal(value).map_err(|e| PgError::Amount(format!("{value}: {e}")))
 }
@@ -87,6 +96,7 @@ pub struct TenantRow {
     pub period: PeriodSpec,
     /// category name → most grants of it per account.
     pub grant_limits: BTreeMap<String, i32>,
+    pub commit_limit: CommitLimit,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -313,8 +323,9 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
             "INSERT INTO tenants (tenant_id, display_name, credit_value, currency, time_zone, \
-               period_kind, period_anchor, period_time_zone, trial_end, grant_limits) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (tenant_id) DO NOTHING",
+               period_kind, period_anchor, period_time_zone, trial_end, grant_limits, \
+               commit_hold_multiple, commit_allowance, charge_max) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (tenant_id) DO NOTHING",
         )
         .bind(&t.tenant_id)
         .bind(&t.display_name)
@@ -326,6 +337,9 @@ impl PgStore {
         .bind(&t.period.time_zone)
         .bind(t.period.trial_end)
         .bind(serde_json::to_value(&t.grant_limits).unwrap_or_default())
+        .bind(t.commit_limit.hold_multiple as i32)
+        .bind(t.commit_limit.allowance.to_decimal())
+        .bind(t.commit_limit.charge_max.map(Credits::to_decimal))
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -346,25 +360,36 @@ impl PgStore {
     pub async fn tenant(&self, tenant_id: &str) -> PgResult<Option<TenantRow>> {
         let row = sqlx::query(
             "SELECT tenant_id, display_name, credit_value, currency, time_zone, created_at, \
-               period_kind, period_anchor, period_time_zone, trial_end, grant_limits FROM tenants WHERE tenant_id = $1",
+               period_kind, period_anchor, period_time_zone, trial_end, grant_limits, \
+               commit_hold_multiple, commit_allowance, charge_max FROM tenants WHERE tenant_id = $1",
         )
         .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| TenantRow {
-            tenant_id: r.get(0),
-            display_name: r.get(1),
-            credit_value: r.get(2),
-            currency: r.get(3),
-            time_zone: r.get(4),
-            created_at: r.get(5),
-            period: PeriodSpec { kind: r.get(6), anchor: r.get(7), time_zone: r.get(8), trial_end: r.get(9) },
-            grant_limits: serde_json::from_value(r.get(10)).unwrap_or_default(),
-        }))
+        row.map(|r| {
+            Ok(TenantRow {
+                tenant_id: r.get(0),
+                display_name: r.get(1),
+                credit_value: r.get(2),
+                currency: r.get(3),
+                time_zone: r.get(4),
+                created_at: r.get(5),
+                period: PeriodSpec { kind: r.get(6), anchor: r.get(7), time_zone: r.get(8), trial_end: r.get(9) },
+                grant_limits: serde_json::from_value(r.get(10)).unwrap_or_default(),
+                commit_limit: commit_limit(r.get(11), r.get(12), r.get(13))?,
+            })
+        })
+        .transpose()
     }
 
-    pub async fn tenant_ids(&self) -> PgResult<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT tenant_id FROM tenants ORDER BY tenant_id").fetch_all(&self.pool).await?)
+    /// Every tenant's id with its commit limit.
+    pub async fn tenant_limits(&self) -> PgResult<Vec<(String, CommitLimit)>> {
+        let rows: Vec<(String, i32, Decimal, Option<Decimal>)> = sqlx::query_as(
+            "SELECT tenant_id, commit_hold_multiple, commit_allowance, charge_max FROM tenants ORDER BY tenant_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|(id, m, a, c)| Ok((id, commit_limit(m, a, c)?))).collect()
     }
 
     // ---- accounts --------------------------------------------------------

@@ -302,6 +302,7 @@ async fn postgres_unreachable_for_ten_seconds() {
                 idempotency_key: "in-doubt",
                 payload_hash: &creditd::service::payload_hash(&["in-doubt"]),
                 event_id: &doubt_event,
+                limit: Default::default(),
             },
         )
         .await

@@ -15,6 +15,7 @@ mod fencing;
 mod hot_path;
 mod idempotency;
 mod isolation;
+mod limits;
 mod observability;
 mod pricing;
 mod recovery;

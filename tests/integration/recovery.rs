@@ -100,6 +100,7 @@ async fn a_commit_that_never_reached_postgres_is_reverted() {
                 idempotency_key: "crashed",
                 payload_hash: &hash,
                 event_id: &event_id,
+                limit: Default::default(),
             },
         )
         .await
@@ -110,8 +111,12 @@ async fn a_commit_that_never_reached_postgres_is_reverted() {
     eventually(Duration::from_secs(5), || async { app.available("u").await == "100" }).await;
     let b = app.balance("u").await;
     assert_eq!(b.levels[0].cap_used, "0", "cap usage is reverted too");
-    let e = app.commit(&hold.reservation_id, "40", "after").await.unwrap_err();
-    assert_status(&e, Code::FailedPrecondition, "RESERVATION_RELEASED", None);
+    // The client never released it: retrying its commit (same key, or a
+    // fresh one) is told the commit was reverted.
+    for key in ["crashed", "after"] {
+        let e = app.commit(&hold.reservation_id, "40", key).await.unwrap_err();
+        assert_status(&e, Code::FailedPrecondition, "COMMIT_REVERTED", None);
+    }
     let pg = app.backends.pg().await;
     let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_events").fetch_one(&pg).await.unwrap();
     assert_eq!(events, 0);
@@ -133,6 +138,7 @@ async fn a_durable_commit_left_unfinalized_is_finalized_not_reverted() {
                 idempotency_key: "durable",
                 payload_hash: &hash,
                 event_id: &event_id.to_string(),
+                limit: Default::default(),
             },
         )
         .await
