@@ -57,6 +57,58 @@ pub enum StartError {
     Catalog(crate::error::Error),
 }
 
+/// What must happen in PostgreSQL before the jobs start.
+struct Startup {
+    migrate: bool,
+    catalog: Option<BookContent>,
+    /// Where PostgreSQL is (no password), for the log.
+    postgres: String,
+}
+
+/// Waits for PostgreSQL with backoff (0.25 s doubling to 10 s), applies
+/// the migrations and loads the default catalog, then runs the background
+/// jobs until shutdown. Until then the health job is not running, so every
+/// service but `creditd.liveness` reports NOT_SERVING.
+async fn startup(
+    engine: Engine,
+    start: Startup,
+    timings: JobTimings,
+    status: watch::Sender<Serving>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut wait = Duration::from_millis(250);
+    loop {
+        let step = async {
+            engine.pg.ping().await.map_err(|e| format!("postgres at {} unreachable: {e}", start.postgres))?;
+            if start.migrate {
+                engine.pg.migrate().await.map_err(|e| format!("cannot apply migrations: {e}"))?;
+            }
+            if let Some(catalog) = &start.catalog
+                && let Some(book) = engine
+                    .load_default_catalog(catalog)
+                    .await
+                    .map_err(|e| format!("cannot load the default price catalog: {e}"))?
+            {
+                tracing::info!(book, "default price catalog loaded");
+            }
+            Ok::<_, String>(())
+        };
+        match step.await {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "not ready: waiting for postgres"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+    tracing::info!(postgres = %start.postgres, "postgres ready: starting the background jobs");
+    for job in jobs::spawn(engine, timings, status, stop) {
+        let _ = job.await;
+    }
+}
+
 /// The price catalog shipped in the binary (`catalog/default.toml`).
 pub const EMBEDDED_CATALOG: &str = include_str!("../catalog/default.toml");
 
@@ -103,13 +155,12 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
+        // Neither store is contacted here: creditd starts (and answers
+        // liveness) while they are unreachable; `startup` below waits for
+        // PostgreSQL, and the health job for Redis.
         let pg =
-            PgStore::connect(&config.postgres.url, config.postgres.max_connections, config.postgres.statement_timeout)
-                .await
+            PgStore::lazy(&config.postgres.url, config.postgres.max_connections, config.postgres.statement_timeout)
                 .map_err(|source| StartError::Postgres { url: redact_url(&config.postgres.url), source })?;
-        if config.postgres.migrate_on_start {
-            pg.migrate().await.map_err(StartError::Migrate)?;
-        }
         let hot = HotStore::connect(
             &config.redis.url,
             config.redis.cluster,
@@ -150,12 +201,7 @@ impl App {
                 .map_err(StartError::Webhooks)?,
             ),
         };
-        if config.pricing.load_default_catalog {
-            let catalog = default_catalog(&config)?;
-            if let Some(book) = engine.load_default_catalog(&catalog).await.map_err(StartError::Catalog)? {
-                tracing::info!(book, "default price catalog loaded");
-            }
-        }
+        let catalog = if config.pricing.load_default_catalog { Some(default_catalog(&config)?) } else { None };
         tls_config(&config)?;
         let listener = TcpListener::bind(config.server.listen)
             .await
@@ -179,12 +225,13 @@ impl App {
             reconcile: config.reconcile.interval,
             repair: config.reconcile.repair,
         };
-        let jobs = jobs::spawn(engine.clone(), timings, status_tx, stop_rx);
-        tracing::info!(
-            postgres = %redact_url(&config.postgres.url),
-            redis = %redact_url(&config.redis.url),
-            "stores connected"
-        );
+        let jobs = vec![tokio::spawn(startup(
+            engine.clone(),
+            Startup { migrate: config.postgres.migrate_on_start, catalog, postgres: redact_url(&config.postgres.url) },
+            timings,
+            status_tx,
+            stop_rx,
+        ))];
         Ok(App { config, listener, metrics_listener, engine, status, stop_jobs, jobs })
     }
 
@@ -199,6 +246,11 @@ impl App {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The serving status the health job publishes.
+    pub fn readiness(&self) -> watch::Receiver<Serving> {
+        self.status.clone()
     }
 
     /// Resolves once the health job has reported SERVING.

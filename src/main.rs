@@ -136,6 +136,10 @@ async fn run(command: Command, config: Config) -> Result<(), Box<dyn std::error:
             // Read-only: no reconciler repairing behind the report.
             config.reconcile.interval = std::time::Duration::ZERO;
             let app = App::build(config).await?;
+            // The stores must answer (and migrations be applied) first.
+            tokio::time::timeout(std::time::Duration::from_secs(30), app.ready())
+                .await
+                .map_err(|_| "postgres or redis not ready within 30 s (see the log)")?;
             app.engine().require_tenant(&tenant).await?;
             let measured = app.engine().check_balances(&tenant).await?;
             println!(
@@ -153,12 +157,26 @@ async fn run(command: Command, config: Config) -> Result<(), Box<dyn std::error:
             let max_depth = config.hot.max_depth;
             let app = App::build(config).await?;
             if seed_demo {
-                let key = demo::seed(app.engine(), max_depth).await?;
-                tracing::info!(tenant = demo::TENANT, "demo tenant seeded (accounts acme, alice, bob)");
-                println!("demo admin key for tenant {}: {key}", demo::TENANT);
-                if let Some(path) = demo_key_file {
-                    write_secret(&path, &key)?;
-                }
+                // Seeded once the stores answer; serving starts at once.
+                let mut ready = app.readiness();
+                let engine = app.engine().clone();
+                tokio::spawn(async move {
+                    if ready.wait_for(|s| *s == creditd::service::jobs::Serving::Yes).await.is_err() {
+                        return;
+                    }
+                    match demo::seed(&engine, max_depth).await {
+                        Ok(key) => {
+                            tracing::info!(tenant = demo::TENANT, "demo tenant seeded (accounts acme, alice, bob)");
+                            println!("demo admin key for tenant {}: {key}", demo::TENANT);
+                            if let Some(path) = demo_key_file
+                                && let Err(e) = write_secret(&path, &key)
+                            {
+                                tracing::error!(error = %e, path = %path, "cannot write the demo key");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot seed the demo tenant"),
+                    }
+                });
             }
             tracing::info!(addr = %app.local_addr(), "listening");
             app.serve(shutdown_signal()).await?;

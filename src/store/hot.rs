@@ -300,13 +300,20 @@ pub struct ReapPass {
     pub overdue_commits: Vec<String>,
 }
 
+struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
 /// One Redis (direct or through Sentinel), or a Redis Cluster. Every call
 /// of one tenant touches keys of one hash slot, so scripts and pipelines
 /// work unchanged on a cluster.
 #[derive(Clone)]
 enum Redis {
     Single(Arc<Single>),
-    Cluster(redis::cluster_async::ClusterConnection),
+    /// Connected on first use (creditd starts while the cluster is down),
+    /// then kept: the cluster connection reconnects by itself.
+    Cluster(Arc<LazyCluster>),
 }
 
 #[derive(Clone)]
@@ -353,7 +360,7 @@ impl HotStore {
                 .response_timeout(timeout)
                 .retries(2)
                 .build()?;
-            Redis::Cluster(client.get_async_connection().await?)
+            Redis::Cluster(Arc::new(LazyCluster { client, conn: tokio::sync::OnceCell::new() }))
         } else if !sentinel_master.is_empty() {
             let sentinels = urls.iter().map(|u| redis::Client::open(*u)).collect::<Result<Vec<_>, _>>()?;
             let template = redis::IntoConnectionInfo::into_connection_info(urls.first().copied().unwrap_or_default())?;
@@ -376,7 +383,10 @@ impl HotStore {
     async fn conn(&self) -> HotResult<Handle> {
         match &self.redis {
             Redis::Single(single) => Ok(Handle::Link(single.link().await?, single.clone())),
-            Redis::Cluster(c) => Ok(Handle::Cluster(c.clone())),
+            Redis::Cluster(c) => {
+                let conn = c.conn.get_or_try_init(|| c.client.get_async_connection()).await?;
+                Ok(Handle::Cluster(conn.clone()))
+            }
         }
     }
 

@@ -285,7 +285,17 @@ pub(crate) const GRANT_SELECT: &str = "SELECT g.grant_id, g.account_id, g.amount
      FROM grants g";
 
 impl PgStore {
+    /// Connects now (fails when PostgreSQL is unreachable): for commands.
     pub async fn connect(url: &str, max_connections: u32, statement_timeout: Duration) -> PgResult<Self> {
+        let store = Self::lazy(url, max_connections, statement_timeout)?;
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// A pool that connects on first use: the server starts while
+    /// PostgreSQL is unreachable and its calls fail (UNAVAILABLE) until it
+    /// answers. Only a malformed URL fails here.
+    pub fn lazy(url: &str, max_connections: u32, statement_timeout: Duration) -> PgResult<Self> {
         let timeout_ms = statement_timeout.as_millis().to_string();
         let options = PgConnectOptions::from_str(url)?
             .application_name("creditd")
@@ -293,8 +303,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(statement_timeout)
-            .connect_with(options)
-            .await?;
+            .connect_lazy_with(options);
         Ok(PgStore { pool })
     }
 

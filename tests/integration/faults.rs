@@ -723,3 +723,64 @@ async fn liveness_stays_serving_while_redis_is_down() {
     assert_eq!(status("creditd.v1.CreditService").await, ServingStatus::NotServing as i32);
     assert_eq!(status("creditd.liveness").await, ServingStatus::Serving as i32, "the process is alive");
 }
+
+/// creditd starts while PostgreSQL and Redis are both unreachable: it
+/// listens, answers liveness SERVING and readiness NOT_SERVING, retries
+/// with backoff, and becomes ready without a restart once they answer
+/// (migrations and all). Calls meanwhile fail UNAVAILABLE, not INTERNAL.
+#[tokio::test]
+async fn starts_with_both_stores_down_and_becomes_ready_when_they_answer() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let backends = Backends::fresh().await;
+    let pg = FaultProxy::start(url_addr(&backends.database_url)).await;
+    let redis = FaultProxy::start(url_addr(&backends.redis_url)).await;
+    pg.set(Fault::Refuse);
+    redis.set(Fault::Refuse);
+    let mut via = backends.clone();
+    via.database_url = url_via(&backends.database_url, pg.port());
+    via.redis_url = url_via(&backends.redis_url, redis.port());
+    let app = TestApp::spawn_with(via, &[("redis.timeout", "500ms")], |addr| {
+        let (pg, redis) = (&pg, &redis);
+        async move {
+            let channel =
+                tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+            let health = HealthClient::new(channel.clone());
+            let status = |name: &'static str| {
+                let mut health = health.clone();
+                async move {
+                    health
+                        .check(HealthCheckRequest { service: name.into() })
+                        .await
+                        .expect("health answers")
+                        .into_inner()
+                        .status
+                }
+            };
+            // Down for a while: several retries happen, the process stays up.
+            for _ in 0..10 {
+                assert_eq!(status("creditd.liveness").await, ServingStatus::Serving as i32);
+                assert_eq!(status("").await, ServingStatus::NotServing as i32);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let mut credit = pb::credit_service_client::CreditServiceClient::new(channel);
+            // A well-formed key must be looked up in PostgreSQL: fail closed,
+            // retryable.
+            let key = format!("cdk_{}_{}", "0a".repeat(6), "1b".repeat(32));
+            let e = credit
+                .get_balance(crate::harness::with_key(&key, pb::GetBalanceRequest { account_id: "a".into() }))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "a call while the stores are down: {e:?}");
+            assert!(pg.stats().refused.load(Ordering::Relaxed) > 1, "postgres was retried");
+            pg.set(Fault::Pass);
+            redis.set(Fault::Pass);
+        }
+    })
+    .await;
+    // Ready (spawn_with waited for SERVING): migrations ran, calls work.
+    app.create_tenant(TENANT).await;
+    app.account("a", None, false, None).await;
+    app.grant("a", "10", GrantCategory::Plan).await;
+    assert!(app.reserve("a", "4", "r").await.unwrap().granted);
+    assert_eq!(app.available("a").await, "6");
+}

@@ -8,6 +8,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -20,6 +21,7 @@ use creditd::{
         self, admin_service_client::AdminServiceClient, credit_service_client::CreditServiceClient,
         pricing_service_client::PricingServiceClient,
     },
+    service::jobs::Serving,
 };
 use rand::Rng;
 use tokio::sync::oneshot;
@@ -187,6 +189,16 @@ impl TestApp {
 
     /// A creditd on the given backends (a second replica shares them).
     pub async fn spawn_on(backends: Backends, extra: &[(&str, &str)]) -> TestApp {
+        TestApp::spawn_with(backends, extra, |_| async {}).await
+    }
+
+    /// As `spawn_on`, running `before_ready` with the gRPC address once the
+    /// server listens and before it is waited for to report SERVING.
+    pub async fn spawn_with<F, Fut>(backends: Backends, extra: &[(&str, &str)], before_ready: F) -> TestApp
+    where
+        F: FnOnce(SocketAddr) -> Fut,
+        Fut: Future<Output = ()>,
+    {
         init_logs();
         let mut overrides = test_overrides(&backends);
         overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -195,10 +207,7 @@ impl TestApp {
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let engine = app.engine().clone();
-        let (_, operator_key) =
-            engine.keys.create(None, Role::Operator, "tests", None).await.expect("create an operator key");
-        let keys = Arc::new(Mutex::new(HashMap::from([(OPERATOR.to_string(), operator_key.unwrap())])));
-        tokio::time::timeout(Duration::from_secs(20), app.ready()).await.expect("app reports serving");
+        let mut ready = app.readiness();
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.serve(async {
@@ -207,6 +216,14 @@ impl TestApp {
             .await
             .expect("serve");
         });
+        before_ready(addr).await;
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|s| *s == Serving::Yes))
+            .await
+            .expect("app reports serving")
+            .expect("status channel open");
+        let (_, operator_key) =
+            engine.keys.create(None, Role::Operator, "tests", None).await.expect("create an operator key");
+        let keys = Arc::new(Mutex::new(HashMap::from([(OPERATOR.to_string(), operator_key.unwrap())])));
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
         let injector = KeyInjector { keys: keys.clone() };
         TestApp {

@@ -517,6 +517,7 @@ async fn spawn_tls(pki: &Pki, mutual: bool) -> (std::net::SocketAddr, String, to
     }
     let app = App::build(Config::load(&Sources { overrides, ..Default::default() }).unwrap()).await.unwrap();
     let addr = app.local_addr();
+    tokio::time::timeout(Duration::from_secs(20), app.ready()).await.expect("app reports serving");
     let (_, key) = app.engine().keys.create(None, creditd::auth::Role::Operator, "tls", None).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
