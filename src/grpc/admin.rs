@@ -393,6 +393,16 @@ impl AdminService for AdminApi {
         let actor = required_text("actor", r.actor)?;
         let key = convert::idempotency_key(&r.idempotency_key)?;
         if amount > Credits::ZERO {
+            // A credit is a grant under the call's key; a key a debit used
+            // is another payload.
+            let replay = self.engine.pg.grant_by_key(&tenant, &key).await.map_err(Error::from)?.is_some();
+            if !replay && self.engine.pg.adjustment_key_used(&tenant, &key).await.map_err(Error::from)? {
+                return Err(Error::FailedPrecondition(
+                    Reason::IdempotencyKeyReused,
+                    "the idempotency key was already used with a different payload".into(),
+                )
+                .into());
+            }
             let grant = self
                 .engine
                 .create_grant(
@@ -417,7 +427,7 @@ impl AdminService for AdminApi {
                 amount: grant.amount.to_string(),
                 grant_id: grant.grant_id.to_string(),
                 balance: balance.to_string(),
-                replayed: false,
+                replayed: replay,
             }));
         }
         if r.refund {

@@ -244,6 +244,11 @@ impl Engine {
     ) -> Result<(Credits, bool)> {
         self.require_tenant(tenant).await?;
         self.get_account(tenant, account).await?;
+        // A credit's key is its grant's (AdjustBalance with a positive
+        // amount): the same key for a debit is another payload.
+        if self.pg.grant_by_key(tenant, idempotency_key).await?.is_some() {
+            return Err(HotError::KeyReused.into());
+        }
         let hash = payload_hash(&["debit", account, &amount.to_string(), reason, actor]);
         let debit = Debit { amount, reason, actor, idem_key: idempotency_key, payload_hash: &hash };
         match self.pg.debit_adjustment(tenant, account, &debit).await? {

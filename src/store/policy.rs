@@ -402,6 +402,17 @@ impl PgStore {
 
     // ---- adjustments -----------------------------------------------------
 
+    /// Whether a debit adjustment used this idempotency key.
+    pub async fn adjustment_key_used(&self, tenant: &str, idem_key: &str) -> PgResult<bool> {
+        let used: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM adjustments WHERE tenant_id = $1 AND idempotency_key = $2")
+                .bind(tenant)
+                .bind(idem_key)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(used.is_some())
+    }
+
     /// Removes `amount` (> 0) credits from the account's grants in spend
     /// order (what they lack stays owed), with a reason and an actor.
     pub async fn debit_adjustment(&self, tenant: &str, account: &str, d: &Debit<'_>) -> PgResult<Adjusted> {

@@ -12,7 +12,7 @@ use creditd::pb::{self, GrantCategory};
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
-use crate::harness::{TENANT, TestApp, assert_status, req, with_key};
+use crate::harness::{Backends, TENANT, TestApp, assert_status, eventually, req, req_operator, with_key};
 
 const OTHER: &str = "other";
 /// Sends with a runtime key of acme (see `fixture`).
@@ -214,6 +214,10 @@ enum Call {
     RequestAccountChange(pb::RequestAccountChangeRequest),
     DecideAccountChange(pb::DecideAccountChangeRequest),
     SetWebhook(pb::SetWebhookRequest),
+    RevokeApiKey(pb::RevokeApiKeyRequest),
+    EndAllowance(pb::EndAllowanceRequest),
+    SetPrices(pb::SetPricesRequest),
+    SetAlertPolicy(pb::SetAlertPolicyRequest),
     /// Bytes sent as the message of `path` (e.g.
     /// "/creditd.v1.CreditService/Reserve"), with the tenant's key.
     Raw {
@@ -253,6 +257,10 @@ fn debug_call(call: &Call) -> String {
         Call::RequestAccountChange(m) => format!("RequestAccountChange({m:?})"),
         Call::DecideAccountChange(m) => format!("DecideAccountChange({m:?})"),
         Call::SetWebhook(m) => format!("SetWebhook({m:?})"),
+        Call::RevokeApiKey(m) => format!("RevokeApiKey({m:?})"),
+        Call::EndAllowance(m) => format!("EndAllowance({m:?})"),
+        Call::SetPrices(m) => format!("SetPrices({m:?})"),
+        Call::SetAlertPolicy(m) => format!("SetAlertPolicy({m:?})"),
         Call::Raw { path, bytes } => format!("Raw {path} ({} bytes)", bytes.len()),
     }
 }
@@ -297,6 +305,10 @@ async fn send(app: &TestApp, tenant: Option<&str>, call: Call) -> Result<String,
         Call::RequestAccountChange(m) => admin.request_account_change(wrap(t, m)).await.map(show),
         Call::DecideAccountChange(m) => admin.decide_account_change(wrap(t, m)).await.map(show),
         Call::SetWebhook(m) => app.alerts().set_webhook(wrap(t, m)).await.map(show),
+        Call::RevokeApiKey(m) => admin.revoke_api_key(as_operator(t, m)).await.map(show),
+        Call::EndAllowance(m) => admin.end_allowance(wrap(t, m)).await.map(show),
+        Call::SetPrices(m) => app.credit_pricing().set_prices(wrap(t, m)).await.map(show),
+        Call::SetAlertPolicy(m) => app.alerts().set_alert_policy(wrap(t, m)).await.map(show),
         Call::Raw { path, bytes } => {
             let key = app.keys.lock().unwrap()[t.unwrap_or(TENANT)].clone();
             let mut grpc = tonic::client::Grpc::new(app.raw_admin_channel());
@@ -359,7 +371,23 @@ struct Fixture {
 /// (the deepest tree allowed). other: outsider (50). Each tenant has one
 /// live hold.
 async fn fixture() -> (TestApp, Fixture) {
-    let app = TestApp::spawn().await;
+    fixture_with(&[]).await
+}
+
+/// `fixture`, with acme created with these `grant_limits`.
+async fn fixture_with(grant_limits: &[(&str, i32)]) -> (TestApp, Fixture) {
+    let app = TestApp::spawn_on(Backends::fresh().await, &[]).await;
+    app.admin
+        .clone()
+        .create_tenant(req_operator(pb::CreateTenantRequest {
+            tenant_id: TENANT.into(),
+            grant_limits: grant_limits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..Default::default()
+        }))
+        .await
+        .expect("create acme");
+    let admin = app.create_key(TENANT, pb::ApiKeyRole::Admin).await;
+    app.keys.lock().unwrap().insert(TENANT.to_string(), admin);
     let runtime = app.create_key(TENANT, pb::ApiKeyRole::Runtime).await;
     app.keys.lock().unwrap().insert(RUNTIME.to_string(), runtime);
     app.account("org", None, false, None).await;
@@ -1362,7 +1390,7 @@ fn table(f: &Fixture) -> Vec<Row> {
 }
 
 /// Everything a refused call could have changed.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Snapshot {
     balances: Vec<(&'static str, pb::GetBalanceResponse)>,
     grants: Vec<(&'static str, Vec<pb::Grant>)>,
@@ -1370,9 +1398,14 @@ struct Snapshot {
     tenants: Vec<String>,
     usage_events: i64,
     ledger_rows: i64,
-    idempotency_records: usize,
-    /// Rows of api_keys, allowances, account_changes, adjustments, webhooks.
-    other_rows: Vec<(&'static str, i64)>,
+    /// Names of the idempotency records in Redis.
+    idempotency_records: Vec<String>,
+    /// Every hold hash in Redis (live holds and tombstones), field by field.
+    holds: Vec<(String, Vec<(String, String)>)>,
+    /// Row count and a digest of the content of tables an admin call
+    /// writes (api_keys, allowances, account_changes, adjustments,
+    /// webhooks, price_books, grants, tenants, accounts).
+    other_rows: Vec<(&'static str, i64, String)>,
 }
 
 const ACME_ACCOUNTS: [&str; 5] = ["org", "alice", "bob", "d1", "d8"];
@@ -1411,16 +1444,40 @@ async fn snapshot(app: &TestApp) -> Snapshot {
     let usage_events: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events").fetch_one(&pg).await.unwrap();
     let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(&pg).await.unwrap();
     let mut other_rows = Vec::new();
-    for table in ["api_keys", "allowances", "account_changes", "adjustments", "webhooks"] {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-            .fetch_one(&pg)
-            .await
-            .unwrap();
-        other_rows.push((table, n));
+    for table in [
+        "api_keys",
+        "allowances",
+        "account_changes",
+        "adjustments",
+        "webhooks",
+        "price_books",
+        "grants",
+        "tenants",
+        "accounts",
+    ] {
+        let (n, digest): (i64, String) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*), md5(coalesce(string_agg(to_jsonb(t)::text, '|' ORDER BY to_jsonb(t)::text), '')) \
+             FROM {table} t"
+        )))
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+        other_rows.push((table, n, digest));
     }
     pg.close().await;
-    let idempotency_records = redis_keys(app, &format!("{}*:i:*", app.backends.key_prefix)).await.len();
-    Snapshot { balances, grants, accounts, tenants, usage_events, ledger_rows, idempotency_records, other_rows }
+    let mut idempotency_records = redis_keys(app, &format!("{}*:i:*", app.backends.key_prefix)).await;
+    idempotency_records.sort();
+    let mut hold_keys = redis_keys(app, &format!("{}*:h:*", app.backends.key_prefix)).await;
+    hold_keys.sort();
+    let mut redis = app.backends.redis().await;
+    let mut holds = Vec::new();
+    for key in hold_keys {
+        let mut fields: Vec<(String, String)> =
+            redis::cmd("HGETALL").arg(&key).query_async(&mut redis).await.expect("hgetall");
+        fields.sort();
+        holds.push((key, fields));
+    }
+    Snapshot { balances, grants, accounts, tenants, usage_events, ledger_rows, idempotency_records, holds, other_rows }
 }
 
 async fn redis_keys(app: &TestApp, pattern: &str) -> Vec<String> {
@@ -1687,4 +1744,534 @@ async fn another_tenants_things_look_like_missing_ones() {
         );
     }
     assert_eq!(before, snapshot(&app).await, "the probes changed nothing");
+}
+
+// ---- Rejections other than validation -----------------------------------
+//
+// Each row is a mutating RPC and a way it is refused once its request is
+// valid: a reused idempotency key (also after Redis forgot it), a hold or
+// grant or change request in a state that forbids the call, something that
+// does not exist, a limit. Each row's code and ErrorInfo reason are the
+// proto's, and the state `snapshot` sees is the same after each row.
+//
+// Reasons a proto lists that no valid request of these can produce, and
+// refusals that are not errors:
+// - Reserve on a suspended account is a normal answer (`granted = false`,
+//   Denial ACCOUNT_SUSPENDED), remembered under its key, not an error; a
+//   Charge on one is recorded (usage that happened is always recorded).
+// - Reserve, Release and Extend keys live only in Redis: once Redis forgot
+//   one, the key is new again (common.proto promises the PostgreSQL answer
+//   for Commit and Charge only), so there is no "forgotten key" row for them.
+// - CreateGrant, VoidGrant, CreateAllowance, AdjustBalance,
+//   RequestAccountChange, CreateApiKey and SetPrices keep their keys in
+//   PostgreSQL: Redis forgetting anything does not concern them.
+// - RevokeApiKey of a revoked key and EndAllowance of an ended allowance
+//   return the record unchanged (documented), UpdateAccount,
+//   SetAlertPolicy, SetWebhook and DeleteWebhook set values: no
+//   FAILED_PRECONDITION exists for them.
+// - BACKEND_UNAVAILABLE and TENANT_LOADING need a failing backend
+//   (tests/integration/faults.rs, fencing.rs).
+
+/// Ids of the things in each state the rejection rows aim at.
+struct Rejections {
+    /// A second live hold of alice (10), never touched by a row.
+    live: String,
+    released: String,
+    expired: String,
+    /// Committed with key `c-kept` (its record still in Redis).
+    committed: String,
+    /// Committed with key `c-forgot`, whose Redis record was deleted.
+    committed_forgotten: String,
+    voided_grant: String,
+    expired_grant: String,
+    approved_change: String,
+    denied_change: String,
+}
+
+async fn hold_state(app: &TestApp, reservation: &str) -> Option<String> {
+    let mut redis = app.backends.redis().await;
+    redis::cmd("HGET")
+        .arg(format!("{}{{t:{TENANT}}}:h:{reservation}", app.backends.key_prefix))
+        .arg("st")
+        .query_async(&mut redis)
+        .await
+        .expect("hget")
+}
+
+/// Forgets an idempotency record of acme, as Redis does after
+/// `hot.idempotency_ttl` (`rpc`: `c` commit, `g` charge).
+async fn forget(app: &TestApp, rpc: char, key: &str) {
+    let mut redis = app.backends.redis().await;
+    let record = format!("{}{{t:{TENANT}}}:i:{rpc}:{key}", app.backends.key_prefix);
+    let removed: i64 = redis::cmd("DEL").arg(&record).query_async(&mut redis).await.expect("del");
+    assert_eq!(removed, 1, "{record} existed");
+}
+
+fn change_request(account: &str, key: &str) -> pb::RequestAccountChangeRequest {
+    pb::RequestAccountChangeRequest {
+        account_id: account.into(),
+        tier: Some("pro".into()),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn adjust(account: &str, amount: &str, key: &str) -> pb::AdjustBalanceRequest {
+    pb::AdjustBalanceRequest {
+        account_id: account.into(),
+        amount: amount.into(),
+        reason: "correction".into(),
+        actor: "ops".into(),
+        refund: false,
+        idempotency_key: key.into(),
+    }
+}
+
+fn allowance(account: &str, amount: &str, key: &str) -> pb::CreateAllowanceRequest {
+    pb::CreateAllowanceRequest {
+        account_id: account.into(),
+        amount: amount.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn prices(unit_price: &str, key: &str) -> pb::SetPricesRequest {
+    pb::SetPricesRequest {
+        prices: vec![pb::Price { meter: "acme_meter".into(), unit_price: unit_price.into(), ..Default::default() }],
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn decide(change: &str, approve: bool) -> pb::DecideAccountChangeRequest {
+    pb::DecideAccountChangeRequest { change_id: change.into(), approve, note: String::new() }
+}
+
+/// Sends a call that must succeed (setting the rejection fixture up).
+async fn ok(app: &TestApp, call: Call) -> String {
+    let what = format!("{call:?}");
+    send(app, Some(TENANT), call).await.unwrap_or_else(|e| panic!("{what}: {e:?}"))
+}
+
+/// The field `name: "…"` of a printed response.
+fn field_of(printed: &str, name: &str) -> String {
+    let start =
+        printed.find(&format!("{name}: \"")).unwrap_or_else(|| panic!("no {name} in {printed}")) + name.len() + 3;
+    printed[start..].split('"').next().unwrap().to_string()
+}
+
+/// `fixture` (acme with grant_limits {"referral": 1}), plus holds released,
+/// expired and committed (one commit's key forgotten by Redis), a charge
+/// whose key Redis forgot, used keys of every RPC that takes one, a voided
+/// and an expired grant, decided change requests, and an allowance.
+async fn rejection_fixture() -> (TestApp, Fixture, Rejections) {
+    use Call::*;
+    let (app, f) = fixture_with(&[("referral", 1)]).await;
+    let hour = Duration::from_secs(3600);
+    let live = app.reserve_ttl("alice", "10", "live", hour).await.reservation_id;
+    let released = app.reserve_ttl("alice", "1", "rel", hour).await.reservation_id;
+    app.release(&released, "l-done").await.unwrap();
+    let expired = app.reserve_ttl("alice", "1", "exp", Duration::from_millis(100)).await.reservation_id;
+    let committed = app.reserve_ttl("alice", "2", "ck", hour).await.reservation_id;
+    app.commit(&committed, "1", "c-kept").await.unwrap();
+    let committed_forgotten = app.reserve_ttl("alice", "2", "cf", hour).await.reservation_id;
+    app.commit(&committed_forgotten, "1", "c-forgot").await.unwrap();
+    ok(&app, Extend(pb::ExtendRequest { ttl: dur(3600, 0), idempotency_key: "x-done".into(), ..extend(&f.hold, "0") }))
+        .await;
+    app.charge("alice", "2", "g-kept").await.unwrap();
+    app.charge("alice", "2", "g-forgot").await.unwrap();
+
+    ok(
+        &app,
+        CreateApiKey(pb::CreateApiKeyRequest {
+            tenant_id: TENANT.into(),
+            role: pb::ApiKeyRole::Runtime as i32,
+            name: "used".into(),
+            idempotency_key: "k-used".into(),
+        }),
+    )
+    .await;
+    ok(&app, CreateGrant(pb::CreateGrantRequest { idempotency_key: "grant-used".into(), ..create_grant("bob", "5") }))
+        .await;
+    ok(
+        &app,
+        CreateGrant(pb::CreateGrantRequest {
+            category: GrantCategory::Referral as i32,
+            idempotency_key: "ref-1".into(),
+            ..create_grant("bob", "1")
+        }),
+    )
+    .await;
+    let voided = ok(&app, CreateGrant(create_grant("bob", "3"))).await;
+    let voided_grant = field_of(&voided, "grant_id");
+    ok(&app, VoidGrant(pb::VoidGrantRequest { idempotency_key: "void-used".into(), ..void_grant(&voided_grant, "x") }))
+        .await;
+    let expiring = ok(
+        &app,
+        CreateGrant(pb::CreateGrantRequest {
+            expires_at: Some(prost_types::Timestamp { seconds: now_secs() + 2, nanos: 0 }),
+            ..create_grant("bob", "4")
+        }),
+    )
+    .await;
+    let expired_grant = field_of(&expiring, "grant_id");
+    ok(&app, CreateAllowance(allowance("org", "10", "allow-used"))).await;
+    ok(&app, AdjustBalance(adjust("bob", "5", "adj-plus"))).await;
+    ok(&app, AdjustBalance(adjust("bob", "-1", "adj-minus"))).await;
+    ok(&app, RequestAccountChange(change_request("bob", "ch-pending"))).await;
+    let approved_change = field_of(&ok(&app, RequestAccountChange(change_request("alice", "ch-a"))).await, "change_id");
+    ok(&app, DecideAccountChange(decide(&approved_change, true))).await;
+    let denied_change = field_of(&ok(&app, RequestAccountChange(change_request("bob", "ch-d"))).await, "change_id");
+    ok(&app, DecideAccountChange(decide(&denied_change, false))).await;
+    ok(&app, SetPrices(prices("2", "prices-used"))).await;
+
+    // The hold expires (reaper), the grant expires (ledger job), the
+    // commits settle; then Redis forgets two keys.
+    eventually(Duration::from_secs(10), || async {
+        hold_state(&app, &expired).await.as_deref() == Some("expired")
+            && hold_state(&app, &committed_forgotten).await.as_deref() == Some("committed")
+            && app
+                .grants("bob")
+                .await
+                .iter()
+                .any(|g| g.grant_id == expired_grant && g.status == pb::GrantStatus::Expired as i32)
+    })
+    .await;
+    forget(&app, 'c', "c-forgot").await;
+    forget(&app, 'g', "g-forgot").await;
+    let r = Rejections {
+        live,
+        released,
+        expired,
+        committed,
+        committed_forgotten,
+        voided_grant,
+        expired_grant,
+        approved_change,
+        denied_change,
+    };
+    (app, f, r)
+}
+
+fn rejection_table(f: &Fixture, r: &Rejections) -> Vec<Row> {
+    use Call::*;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let keyed_commit = |hold: &str, amount: &str, key: &str| {
+        Commit(pb::CommitRequest { idempotency_key: key.into(), ..commit(hold, amount) })
+    };
+    let keyed_release =
+        |hold: &str, key: &str| Release(pb::ReleaseRequest { idempotency_key: key.into(), ..release(hold) });
+    let keyed_extend = |hold: &str, more: &str, key: &str| {
+        Extend(pb::ExtendRequest { ttl: dur(3600, 0), idempotency_key: key.into(), ..extend(hold, more) })
+    };
+    let keyed_charge =
+        |amount: &str, key: &str| Charge(pb::ChargeRequest { idempotency_key: key.into(), ..charge("alice", amount) });
+    let keyed_void = |grant: &str, reason: &str, key: &str| {
+        VoidGrant(pb::VoidGrantRequest { idempotency_key: key.into(), ..void_grant(grant, reason) })
+    };
+    let nf = Code::NotFound;
+    let fp = Code::FailedPrecondition;
+    let reused = "IDEMPOTENCY_KEY_REUSED";
+    vec![
+        // ---- Reserve ----------------------------------------------------
+        fails("reserve: unknown account", Reserve(reserve("ghost", "1")), nf, "ACCOUNT_NOT_FOUND"),
+        fails(
+            "reserve: key reused with another amount",
+            Reserve(pb::ReserveRequest { idempotency_key: "live".into(), ..reserve("alice", "11") }),
+            fp,
+            reused,
+        ),
+        fails(
+            "reserve: key reused for another account",
+            Reserve(pb::ReserveRequest { idempotency_key: "live".into(), ..reserve("bob", "10") }),
+            fp,
+            reused,
+        ),
+        // ---- Commit -----------------------------------------------------
+        fails("commit: unknown reservation", Commit(commit(&unknown, "1")), nf, "RESERVATION_NOT_FOUND"),
+        fails("commit: released hold", Commit(commit(&r.released, "1")), fp, "RESERVATION_RELEASED"),
+        fails("commit: expired hold", Commit(commit(&r.expired, "1")), fp, "RESERVATION_EXPIRED"),
+        fails("commit: committed hold, new key", Commit(commit(&r.committed, "1")), fp, "RESERVATION_COMMITTED"),
+        fails("commit: key reused with another amount", keyed_commit(&r.committed, "2", "c-kept"), fp, reused),
+        fails("commit: key reused on another hold", keyed_commit(&r.live, "1", "c-kept"), fp, reused),
+        // The fixed bug: Redis forgot key K of an acknowledged commit; a
+        // commit of another hold with K is refused and leaves that hold
+        // active (it commits with a fresh key after the table).
+        fails("commit: forgotten key reused on another hold", keyed_commit(&r.live, "1", "c-forgot"), fp, reused),
+        fails(
+            "commit: forgotten key reused with another amount",
+            keyed_commit(&r.committed_forgotten, "2", "c-forgot"),
+            fp,
+            reused,
+        ),
+        fails(
+            "commit: another payload on a released hold with a used key",
+            keyed_commit(&r.released, "1", "c-kept"),
+            fp,
+            reused,
+        ),
+        // ---- Release ----------------------------------------------------
+        fails("release: unknown reservation", Release(release(&unknown)), nf, "RESERVATION_NOT_FOUND"),
+        fails("release: released hold, new key", Release(release(&r.released)), fp, "RESERVATION_RELEASED"),
+        fails("release: expired hold", Release(release(&r.expired)), fp, "RESERVATION_EXPIRED"),
+        fails("release: committed hold", Release(release(&r.committed)), fp, "RESERVATION_COMMITTED"),
+        fails("release: key reused on another hold", keyed_release(&r.live, "l-done"), fp, reused),
+        // ---- Extend -----------------------------------------------------
+        fails("extend: unknown reservation", Extend(extend(&unknown, "1")), nf, "RESERVATION_NOT_FOUND"),
+        fails("extend: released hold", Extend(extend(&r.released, "1")), fp, "RESERVATION_RELEASED"),
+        fails("extend: expired hold", Extend(extend(&r.expired, "1")), fp, "RESERVATION_EXPIRED"),
+        fails("extend: committed hold", Extend(extend(&r.committed, "1")), fp, "RESERVATION_COMMITTED"),
+        fails("extend: key reused with another amount", keyed_extend(&f.hold, "1", "x-done"), fp, reused),
+        fails("extend: key reused on another hold", keyed_extend(&r.live, "0", "x-done"), fp, reused),
+        // ---- Charge -----------------------------------------------------
+        fails("charge: unknown account", Charge(charge("ghost", "1")), nf, "ACCOUNT_NOT_FOUND"),
+        fails("charge: key reused with another amount", keyed_charge("3", "g-kept"), fp, reused),
+        fails("charge: forgotten key reused with another amount", keyed_charge("3", "g-forgot"), fp, reused),
+        // ---- CreateTenant -----------------------------------------------
+        fails(
+            "create tenant: exists with other settings",
+            CreateTenant(pb::CreateTenantRequest {
+                tenant_id: OTHER.into(),
+                display_name: "Other Inc".into(),
+                ..Default::default()
+            }),
+            Code::AlreadyExists,
+            "TENANT_EXISTS",
+        ),
+        // ---- CreateApiKey -----------------------------------------------
+        fails(
+            "create api key: unknown tenant",
+            CreateApiKey(pb::CreateApiKeyRequest {
+                tenant_id: "ghost".into(),
+                role: pb::ApiKeyRole::Runtime as i32,
+                name: String::new(),
+                idempotency_key: key(),
+            }),
+            nf,
+            "TENANT_NOT_FOUND",
+        ),
+        fails(
+            "create api key: key reused with another role",
+            CreateApiKey(pb::CreateApiKeyRequest {
+                tenant_id: TENANT.into(),
+                role: pb::ApiKeyRole::Admin as i32,
+                name: "used".into(),
+                idempotency_key: "k-used".into(),
+            }),
+            fp,
+            reused,
+        ),
+        // ---- RevokeApiKey -----------------------------------------------
+        fails(
+            "revoke api key: unknown key",
+            RevokeApiKey(pb::RevokeApiKeyRequest { key_id: uuid::Uuid::new_v4().to_string() }),
+            nf,
+            "KEY_NOT_FOUND",
+        ),
+        // ---- CreateAccount ----------------------------------------------
+        fails(
+            "create account: exists with other settings",
+            CreateAccount(pb::CreateAccountRequest {
+                pool_access: true,
+                cap: "500".into(),
+                ..create_account("bob", "org")
+            }),
+            Code::AlreadyExists,
+            "ACCOUNT_EXISTS",
+        ),
+        fails("create account: unknown parent", CreateAccount(create_account("kid", "ghost")), nf, "PARENT_NOT_FOUND"),
+        // ---- UpdateAccount ----------------------------------------------
+        fails(
+            "update account: unknown account",
+            UpdateAccount(pb::UpdateAccountRequest {
+                account_id: "ghost".into(),
+                suspended: Some(true),
+                ..Default::default()
+            }),
+            nf,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        // ---- CreateGrant ------------------------------------------------
+        fails("create grant: unknown account", CreateGrant(create_grant("ghost", "1")), nf, "ACCOUNT_NOT_FOUND"),
+        fails(
+            "create grant: key reused with another amount",
+            CreateGrant(pb::CreateGrantRequest { idempotency_key: "grant-used".into(), ..create_grant("bob", "6") }),
+            fp,
+            reused,
+        ),
+        fails(
+            "create grant: the tenant's referral limit reached",
+            CreateGrant(pb::CreateGrantRequest {
+                category: GrantCategory::Referral as i32,
+                ..create_grant("bob", "1")
+            }),
+            fp,
+            "GRANT_LIMIT_REACHED",
+        ),
+        // ---- VoidGrant --------------------------------------------------
+        fails("void grant: unknown grant", VoidGrant(void_grant(&unknown, "x")), nf, "GRANT_NOT_FOUND"),
+        fails("void grant: voided grant, new key", VoidGrant(void_grant(&r.voided_grant, "x")), fp, "GRANT_NOT_LIVE"),
+        fails("void grant: expired grant", VoidGrant(void_grant(&r.expired_grant, "x")), fp, "GRANT_NOT_LIVE"),
+        fails("void grant: key reused on another grant", keyed_void(&f.grant, "x", "void-used"), fp, reused),
+        fails("void grant: key reused with another reason", keyed_void(&r.voided_grant, "y", "void-used"), fp, reused),
+        // ---- CreateAllowance --------------------------------------------
+        fails(
+            "create allowance: unknown account",
+            CreateAllowance(allowance("ghost", "10", &key())),
+            nf,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails(
+            "create allowance: key reused with another amount",
+            CreateAllowance(allowance("org", "11", "allow-used")),
+            fp,
+            reused,
+        ),
+        // ---- EndAllowance -----------------------------------------------
+        fails(
+            "end allowance: unknown allowance",
+            EndAllowance(pb::EndAllowanceRequest { allowance_id: unknown.clone() }),
+            nf,
+            "ALLOWANCE_NOT_FOUND",
+        ),
+        // ---- AdjustBalance ----------------------------------------------
+        fails(
+            "adjust: credit of an unknown account",
+            AdjustBalance(adjust("ghost", "5", &key())),
+            nf,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails(
+            "adjust: debit of an unknown account",
+            AdjustBalance(adjust("ghost", "-5", &key())),
+            nf,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails(
+            "adjust: credit key reused with another amount",
+            AdjustBalance(adjust("bob", "6", "adj-plus")),
+            fp,
+            reused,
+        ),
+        fails(
+            "adjust: debit key reused with another amount",
+            AdjustBalance(adjust("bob", "-2", "adj-minus")),
+            fp,
+            reused,
+        ),
+        fails("adjust: credit key reused for a debit", AdjustBalance(adjust("bob", "-5", "adj-plus")), fp, reused),
+        fails("adjust: debit key reused for a credit", AdjustBalance(adjust("bob", "1", "adj-minus")), fp, reused),
+        // ---- RequestAccountChange ---------------------------------------
+        fails(
+            "request change: unknown account",
+            RequestAccountChange(change_request("ghost", &key())),
+            nf,
+            "ACCOUNT_NOT_FOUND",
+        ),
+        fails(
+            "request change: key reused for another account",
+            RequestAccountChange(change_request("alice", "ch-pending")),
+            fp,
+            reused,
+        ),
+        // ---- DecideAccountChange ----------------------------------------
+        fails("decide change: unknown change", DecideAccountChange(decide(&unknown, true)), nf, "CHANGE_NOT_FOUND"),
+        fails(
+            "decide change: approve an approved one",
+            DecideAccountChange(decide(&r.approved_change, true)),
+            fp,
+            "CHANGE_DECIDED",
+        ),
+        fails(
+            "decide change: deny an approved one",
+            DecideAccountChange(decide(&r.approved_change, false)),
+            fp,
+            "CHANGE_DECIDED",
+        ),
+        fails(
+            "decide change: approve a denied one",
+            DecideAccountChange(decide(&r.denied_change, true)),
+            fp,
+            "CHANGE_DECIDED",
+        ),
+        // ---- SetPrices --------------------------------------------------
+        fails("set prices: key reused with another price", SetPrices(prices("3", "prices-used")), fp, reused),
+        // ---- SetAlertPolicy ---------------------------------------------
+        fails(
+            "set alert policy: unknown account",
+            SetAlertPolicy(pb::SetAlertPolicyRequest {
+                policy: Some(pb::AlertPolicy { account_id: "ghost".into(), percents: vec![10], ..Default::default() }),
+            }),
+            nf,
+            "ACCOUNT_NOT_FOUND",
+        ),
+    ]
+}
+
+/// Every mutating RPC × every way a valid request of it is refused: the
+/// documented code and reason, and nothing changed, row by row.
+#[tokio::test]
+async fn rejected_calls_change_nothing() {
+    let (app, f, r) = rejection_fixture().await;
+    let rows = rejection_table(&f, &r);
+    let total = rows.len();
+    let mut before = snapshot(&app).await;
+    // Settled: the background jobs have nothing left to do.
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = snapshot(&app).await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let initial = before.clone();
+    let mut failures = Vec::new();
+    for Row { name, tenant, call, code, reason, field } in rows {
+        let described = format!("{call:?}");
+        match send(&app, tenant, call).await {
+            Ok(response) => {
+                failures.push(format!("{name}: expected {code:?} {reason}, got OK {response} for {described}"))
+            }
+            Err(status) => {
+                let checked =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| assert_status(&status, code, reason, field)));
+                if let Err(panic) = checked {
+                    failures.push(format!("{name}: {}", panic_text(panic)));
+                }
+            }
+        }
+        let after = snapshot(&app).await;
+        if after != before {
+            failures.push(format!("{name}: CHANGED the state\n  before {before:?}\n  after  {after:?}"));
+            before = after;
+        }
+    }
+    assert!(failures.is_empty(), "{} of {total} rows failed:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(initial, snapshot(&app).await);
+
+    // The holds and grants the rows aimed at are intact and still work:
+    // the live hold refused under a forgotten key commits with a fresh one.
+    assert_eq!(hold_state(&app, &r.live).await.as_deref(), Some("active"));
+    let c = app.commit(&r.live, "4", "live-commit").await.expect("the live hold commits");
+    assert_eq!((c.amount.as_str(), c.released.as_str()), ("4", "6"));
+    let c = app.commit(&f.hold, "15", "after-table").await.expect("the fixture's hold commits");
+    assert_eq!(c.released, "25");
+    send(&app, Some(TENANT), Call::VoidGrant(void_grant(&f.grant, "after"))).await.expect("the live grant voids");
+    send(&app, Some(TENANT), Call::DecideAccountChange(decide_pending(&app).await)).await.expect("pending decides");
+}
+
+/// A decision on acme's pending change request (`ch-pending`).
+async fn decide_pending(app: &TestApp) -> pb::DecideAccountChangeRequest {
+    let changes = app
+        .admin
+        .clone()
+        .list_account_changes(req(TENANT, pb::ListAccountChangesRequest { status: pb::ChangeStatus::Pending as i32 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    decide(&changes[0].change_id, false)
 }

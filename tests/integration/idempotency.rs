@@ -881,3 +881,44 @@ async fn a_reused_key_redis_forgot_is_refused_before_any_effect() {
     assert_eq!(done.amount, "10");
     assert_eq!(app.available("alice").await, "925");
 }
+
+async fn adjust(app: &TestApp, amount: &str, key: &str) -> Result<pb::Adjustment, Status> {
+    app.admin
+        .clone()
+        .adjust_balance(req(
+            TENANT,
+            pb::AdjustBalanceRequest {
+                account_id: "org".into(),
+                amount: amount.into(),
+                reason: "correction".into(),
+                actor: "ops".into(),
+                refund: false,
+                idempotency_key: key.into(),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// An AdjustBalance replay (credit or debit) returns the first answer with
+/// `replayed` set and moves nothing; its key, whatever the sign it was used
+/// with, refuses the other sign.
+#[tokio::test]
+async fn adjust_balance_replays_once_and_its_key_refuses_the_other_sign() {
+    let app = org().await;
+    let first = adjust(&app, "5", "plus").await.unwrap();
+    assert!(!first.replayed);
+    let again = adjust(&app, "5", "plus").await.unwrap();
+    assert!(again.replayed, "{again:?}");
+    assert_eq!(again.grant_id, first.grant_id);
+    let debit = adjust(&app, "-2", "minus").await.unwrap();
+    assert!(!debit.replayed);
+    assert!(adjust(&app, "-2", "minus").await.unwrap().replayed);
+    let available = app.available("org").await;
+
+    assert_reused(&adjust(&app, "-5", "plus").await.unwrap_err());
+    assert_reused(&adjust(&app, "2", "minus").await.unwrap_err());
+    assert_eq!(app.available("org").await, available, "nothing moved");
+    let grants = app.grants("org").await;
+    assert_eq!(grants.iter().filter(|g| g.category == pb::GrantCategory::Adjustment as i32).count(), 1);
+}
