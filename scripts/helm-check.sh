@@ -237,6 +237,11 @@ for name in names:
                 check("REDIS_URL" in env and "CREDITD_SERVER__LISTEN" in env, f"{label}: REDIS_URL, listen")
                 check(c["args"][:3] == ["serve", "--config", "/etc/creditd/creditd.toml"], f"{label}: serve --config")
                 check(where == "main" or c.get("restartPolicy") == "Always", f"{label}: init container must be a native sidecar")
+                if env.get("CREDITD_SERVER__LISTEN", "").startswith("127."):
+                    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                        cmd = c.get(probe, {}).get("exec", {}).get("command", [])
+                        check(cmd[:2] == ["/usr/local/bin/creditd", "health"],
+                              f"{label}: a loopback listener needs the exec {probe} `creditd health`")
             with open(os.path.join(work, name, f"env-{c['name']}.txt"), "w") as f:
                 for k, v in env.items():
                     if v is not None:
@@ -255,6 +260,8 @@ for name in names:
             for probe in ("startupProbe", "readinessProbe"):
                 check(c.get(probe, {}).get("grpc", {}).get("port") == c["ports"][0]["containerPort"],
                       f"{name}: {probe} must be a gRPC probe on the gRPC port")
+            check(c.get("startupProbe", {}).get("grpc", {}).get("service") == "creditd.liveness",
+                  f"{name}: the startup probe must ask creditd.liveness (a pod must start while a store is down)")
         live = c.get("livenessProbe", {}).get("grpc")
         if live is not None:
             check(live.get("service") == "creditd.liveness",

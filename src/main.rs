@@ -1,4 +1,5 @@
-//! The `creditd` binary: `serve`, `migrate`, `keys`, `default-config`.
+//! The `creditd` binary: `serve`, `migrate`, `keys`, `check`, `health`,
+//! `default-config`.
 
 use std::process::ExitCode;
 
@@ -53,6 +54,21 @@ enum Command {
         #[arg(long)]
         tenant: String,
     },
+    /// Ask a running creditd's grpc.health.v1 service; exit 0 when it
+    /// answers SERVING, 1 otherwise. For exec probes, which run inside the
+    /// pod and so reach a loopback listener (sidecar mode). Plaintext only.
+    Health {
+        /// The gRPC address to ask.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// The health service name: "" (ready: Redis answers and startup is
+        /// done) or "creditd.liveness" (the process answers).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Print the effective configuration's defaults file and exit.
     DefaultConfig,
 }
@@ -94,6 +110,9 @@ async fn main() -> ExitCode {
     if let Command::DefaultConfig = cli.command {
         print!("{}", include_str!("default.toml"));
         return ExitCode::SUCCESS;
+    }
+    if let Command::Health { addr, service, timeout_ms } = &cli.command {
+        return health(addr, service, std::time::Duration::from_millis(*timeout_ms)).await;
     }
     let sources = Sources { file: cli.config.clone(), env: std::env::vars().collect(), overrides };
     let config = match Config::load(&sources) {
@@ -182,7 +201,33 @@ async fn run(command: Command, config: Config) -> Result<(), Box<dyn std::error:
             app.serve(shutdown_signal()).await?;
             Ok(())
         }
-        Command::DefaultConfig => Ok(()),
+        Command::DefaultConfig | Command::Health { .. } => Ok(()),
+    }
+}
+
+/// The `health` command (needs no configuration).
+async fn health(addr: &str, service: &str, timeout: std::time::Duration) -> ExitCode {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let ask = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+        let reply = HealthClient::new(channel).check(HealthCheckRequest { service: service.to_string() }).await?;
+        Ok::<_, Box<dyn std::error::Error>>(reply.into_inner().status)
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(Ok(status)) if status == ServingStatus::Serving as i32 => ExitCode::SUCCESS,
+        Ok(Ok(status)) => {
+            let name = ServingStatus::try_from(status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN");
+            eprintln!("creditd health: {addr} service {service:?}: {name}");
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("creditd health: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("creditd health: {addr}: no answer within {timeout:?}");
+            ExitCode::FAILURE
+        }
     }
 }
 

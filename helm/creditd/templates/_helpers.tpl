@@ -170,8 +170,8 @@ client_ca_file = {{ printf "%s/ca.crt" .Values.tls.mountPath | toJson }}
 {{- if le (.Values.terminationGracePeriodSeconds | int64) (add $grace $preStop) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds (%d) + config.server.shutdown_grace (%ds)" (.Values.terminationGracePeriodSeconds | int64) $preStop $grace) }}
 {{- end }}
-{{- if and (include "creditd.listenIsLoopback" .) (or .Values.probes.startup.enabled .Values.probes.readiness.enabled .Values.probes.liveness.enabled) }}
-{{- fail "server.listenAddress is a loopback address, which kubelet probes cannot reach: set probes.{startup,readiness,liveness}.enabled=false" }}
+{{- if and (include "creditd.listenIsLoopback" .) .Values.tls.enabled (or .Values.probes.startup.enabled .Values.probes.readiness.enabled .Values.probes.liveness.enabled) }}
+{{- fail "a loopback listener is probed with `creditd health` (plaintext), which cannot speak TLS: disable tls or the probes" }}
 {{- end }}
 {{- if and (eq .Values.mode "deployment") (include "creditd.listenIsLoopback" .) }}
 {{- fail "mode deployment needs server.listenAddress reachable by the Service (0.0.0.0 or ::), not loopback" }}
@@ -195,7 +195,17 @@ client_ca_file = {{ printf "%s/ca.crt" .Values.tls.mountPath | toJson }}
 {{- $root := index . 0 }}
 {{- $type := index . 1 }}
 {{- $service := index . 2 }}
-{{- if or $root.Values.tls.enabled (eq $type "tcp") }}
+{{- if include "creditd.listenIsLoopback" $root }}
+{{- /* Kubelet cannot reach a loopback listener; an exec probe runs in the pod. */}}
+exec:
+  command:
+    - /usr/local/bin/creditd
+    - health
+    - --addr
+    - {{ include "creditd.listen" $root | quote }}
+    - --service
+    - {{ $service | quote }}
+{{- else if or $root.Values.tls.enabled (eq $type "tcp") }}
 tcpSocket:
   port: grpc
 {{- else }}
@@ -248,7 +258,7 @@ ports:
 {{- end }}
 {{- if $probes.startup.enabled }}
 startupProbe:
-  {{- include "creditd.probeAction" (list . "grpc" "") | trim | nindent 2 }}
+  {{- include "creditd.probeAction" (list . "grpc" $probes.startup.service) | trim | nindent 2 }}
   periodSeconds: {{ $probes.startup.periodSeconds | int }}
   timeoutSeconds: {{ $probes.startup.timeoutSeconds | int }}
   failureThreshold: {{ $probes.startup.failureThreshold | int }}
