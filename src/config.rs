@@ -206,6 +206,114 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("config key {key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("{origin}: unknown configuration key{hint}")]
+    Unknown { origin: String, hint: String },
+}
+
+/// The config sections; a `CREDITD_<SECTION>_…` variable without the
+/// double underscore is a mistake, not someone else's variable.
+fn sections(known: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = known.iter().filter_map(|k| k.split_once('.').map(|(s, _)| s)).collect();
+    out.dedup();
+    out
+}
+
+/// Every `section.key` of the defaults.
+fn known_keys(defaults: &toml::Table) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (section, value) in defaults {
+        if let Some(t) = value.as_table() {
+            keys.extend(t.keys().map(|k| format!("{section}.{k}")));
+        }
+    }
+    keys
+}
+
+/// Every configuration environment variable with its key, for `--help`.
+pub fn env_variables() -> Vec<(String, String)> {
+    let table: toml::Table = toml::from_str(DEFAULTS).expect("embedded defaults parse");
+    known_keys(&table).into_iter().map(|k| (env_name(&k), k)).collect()
+}
+
+/// The environment variable of a `section.key`.
+fn env_name(key: &str) -> String {
+    format!("CREDITD_{}", key.replacen('.', "__", 1).to_ascii_uppercase())
+}
+
+/// The config key an environment variable sets: `None` for variables that
+/// are not configuration (not `CREDITD_*`, or `CREDITD_<NAME>` whose first
+/// word is no section, like `CREDITD_CONFIG`), an error for a `CREDITD_*`
+/// variable that looks like configuration but names no key (the message
+/// names the closest one).
+fn env_key(name: &str, known: &[String]) -> Result<Option<String>, ConfigError> {
+    match name {
+        "DATABASE_URL" => return Ok(Some("postgres.url".into())),
+        "REDIS_URL" => return Ok(Some("redis.url".into())),
+        _ => {}
+    }
+    let Some(rest) = name.strip_prefix("CREDITD_") else { return Ok(None) };
+    let lower = rest.to_ascii_lowercase();
+    let candidate = if lower.contains("__") {
+        lower.replacen("__", ".", 1)
+    } else {
+        let looks_like_config = sections(known).iter().any(|s| lower.starts_with(&format!("{s}_")));
+        if !looks_like_config {
+            return Ok(None);
+        }
+        lower.clone()
+    };
+    if known.contains(&candidate) {
+        return Ok(Some(candidate));
+    }
+    let names: Vec<String> = known.iter().map(|k| env_name(k)).collect();
+    Err(ConfigError::Unknown { origin: format!("environment variable {name}"), hint: closest_hint(name, &names) })
+}
+
+/// Refuses keys of a config file the defaults do not have.
+fn check_file_keys(file: &toml::Table, known: &[String], path: &str) -> Result<(), ConfigError> {
+    for (section, value) in file {
+        let Some(t) = value.as_table() else {
+            return Err(ConfigError::Unknown {
+                origin: format!("config file {path}: {section:?} (a top-level key; every key is in a [section])"),
+                hint: closest_hint(section, known),
+            });
+        };
+        for key in t.keys() {
+            let dotted = format!("{section}.{key}");
+            if !known.contains(&dotted) {
+                return Err(ConfigError::Unknown {
+                    origin: format!("config file {path}: {dotted}"),
+                    hint: closest_hint(&dotted, known),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// ": did you mean X?" for the nearest candidate, when one is near.
+fn closest_hint(wrong: &str, candidates: &[String]) -> String {
+    let wrong_l = wrong.to_ascii_lowercase();
+    let best = candidates.iter().map(|c| (edit_distance(&wrong_l, &c.to_ascii_lowercase()), c)).min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, c)) if d <= wrong.len().max(4) / 2 => format!(" (did you mean {c}?)"),
+        _ => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(row[j]).min(cur) };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Where values come from, beyond the embedded defaults.
@@ -232,17 +340,12 @@ impl Config {
                 std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
             let file: toml::Table = toml::from_str(&text)
                 .map_err(|e| ConfigError::Parse { origin: path.clone(), message: e.to_string() })?;
+            check_file_keys(&file, &known_keys(&table), path)?;
             merge(&mut table, file);
         }
+        let known = known_keys(&table);
         for (name, value) in &sources.env {
-            let key = match name.as_str() {
-                "DATABASE_URL" => "postgres.url".to_string(),
-                "REDIS_URL" => "redis.url".to_string(),
-                other => match other.strip_prefix("CREDITD_") {
-                    Some(rest) if rest.contains("__") => rest.to_ascii_lowercase().replacen("__", ".", 1),
-                    _ => continue,
-                },
-            };
+            let Some(key) = env_key(name, &known)? else { continue };
             set(&mut table, &key, value, name)?;
         }
         for (key, value) in &sources.overrides {
@@ -365,7 +468,8 @@ fn set(table: &mut toml::Table, dotted: &str, raw: &str, origin: &str) -> Result
         .get_mut(section)
         .and_then(toml::Value::as_table_mut)
         .ok_or_else(|| parse_err(format!("unknown section {section:?}")))?;
-    let value = match section_table.get(key) {
+    let existing = section_table.get(key).cloned();
+    let value = match existing.as_ref() {
         Some(toml::Value::Integer(_)) => {
             toml::Value::Integer(raw.parse().map_err(|_| parse_err(format!("{dotted} must be an integer")))?)
         }
@@ -373,31 +477,61 @@ fn set(table: &mut toml::Table, dotted: &str, raw: &str, origin: &str) -> Result
             toml::Value::Boolean(raw.parse().map_err(|_| parse_err(format!("{dotted} must be true or false")))?)
         }
         Some(_) => toml::Value::String(raw.to_string()),
-        None => return Err(parse_err(format!("unknown key {dotted:?}"))),
+        None => {
+            let known = known_keys(table);
+            return Err(ConfigError::Unknown {
+                origin: format!("{origin}: {dotted}"),
+                hint: closest_hint(dotted, &known),
+            });
+        }
     };
     section_table.insert(key.to_string(), value);
     Ok(())
 }
 
-/// Parses "250ms", "5s", "10m", "24h".
+/// Parses a duration: one or more `<whole number><unit>` with units ms, s,
+/// m, h and d, largest first ("250ms", "5s", "10m", "24h", "7d", "1h30m",
+/// "1m30s").
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        "h" => n.checked_mul(3600).map(Duration::from_secs),
-        _ => None,
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
     }
+    let mut total = Duration::ZERO;
+    let mut last_unit = u64::MAX;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let millis_per: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        // Each unit once, largest first: "1h30m", never "30m1h" or "1m1m".
+        if millis_per >= last_unit {
+            return None;
+        }
+        last_unit = millis_per;
+        total = total.checked_add(Duration::from_millis(n.checked_mul(millis_per)?))?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse_duration(&text).ok_or_else(|| {
-        serde::de::Error::custom(format!("{text:?} is not a duration like \"250ms\", \"5s\", \"10m\" or \"24h\""))
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration like \"250ms\", \"5s\", \"10m\", \"24h\", \"7d\" or \"1h30m\""
+        ))
     })
 }
 
@@ -431,6 +565,52 @@ mod tests {
     }
 
     #[test]
+    fn a_mistyped_variable_is_an_error_naming_the_closest_one() {
+        let load = |name: &str| {
+            Config::load(&Sources { env: vec![(name.into(), "90s".into())], ..Default::default() }).map(|c| c.hot)
+        };
+        let e = load("CREDITD_HOT_DEFAULT_TTL").unwrap_err().to_string();
+        assert!(e.contains("CREDITD_HOT_DEFAULT_TTL") && e.contains("did you mean CREDITD_HOT__DEFAULT_TTL?"), "{e}");
+        let e = load("CREDITD_HOT__DEFAULT_TLL").unwrap_err().to_string();
+        assert!(e.contains("did you mean CREDITD_HOT__DEFAULT_TTL?"), "{e}");
+        assert!(load("CREDITD_NOPE__X").is_err());
+        assert_eq!(load("CREDITD_HOT__DEFAULT_TTL").unwrap().default_ttl, Duration::from_secs(90));
+        // Not configuration: other tools' variables and the config file's.
+        for other in ["CREDITD_CONFIG", "CREDITD_API_KEY", "CREDITD_TEST_DATABASE_URL", "CREDITD_BIN", "PATH"] {
+            assert!(load(other).is_ok(), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_file_key_the_defaults_lack_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("creditd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[hot]\ndefault_tll = \"5s\"\n").unwrap();
+        let e = Config::load(&Sources { file: Some(path.display().to_string()), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hot.default_tll") && e.contains("did you mean hot.default_ttl?"), "{e}");
+        std::fs::write(&path, "[hot]\ndefault_ttl = \"1m30s\"\n").unwrap();
+        let c = Config::load(&Sources { file: Some(path.display().to_string()), ..Default::default() }).unwrap();
+        assert_eq!(c.hot.default_ttl, Duration::from_secs(90));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_take_common_units_and_combinations() {
+        let d = |s: &str| parse_duration(s);
+        assert_eq!(d("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(d("7d"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(d("1h30m"), Some(Duration::from_secs(5_400)));
+        assert_eq!(d("1m30s500ms"), Some(Duration::from_millis(90_500)));
+        assert_eq!(d("0s"), Some(Duration::ZERO));
+        for bad in ["", "5", "s", "1.5s", "30m1h", "1m1m", "5 s", "-1s", "1w", "99999999999999999999d"] {
+            assert_eq!(d(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let bad = |k: &str, v: &str| {
             Config::load(&Sources { overrides: vec![(k.into(), v.into())], ..Default::default() })
@@ -439,7 +619,8 @@ mod tests {
         };
         assert!(bad("hot.min_ttl", "0s").contains("hot.min_ttl"));
         assert!(bad("hot.max_depth", "x").contains("hot.max_depth"));
-        assert!(bad("hot.nope", "1").contains("unknown key"));
+        assert!(bad("hot.nope", "1").contains("unknown configuration key"));
+        assert!(bad("hot.default_tl", "1s").contains("did you mean hot.default_ttl?"));
         assert!(bad("redis.url", "http://x").contains("redis.url"));
         assert!(bad("server.shutdown_grace", "ten").contains("duration"));
     }

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use creditd::{
     app::App,
     auth::{KeyStore, Role},
@@ -73,13 +73,49 @@ enum Command {
     DefaultConfig,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    /// The hot path (Reserve, Commit, …) of one tenant.
+    Runtime,
+    /// Everything of one tenant.
+    Admin,
+    /// Tenants and API keys of every tenant.
+    Operator,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Runtime => Role::Runtime,
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Operator => Role::Operator,
+        }
+    }
+}
+
+/// The environment variables, for `--help`.
+fn env_help() -> String {
+    let mut text = String::from(
+        "Environment (each overrides the same key of the config file; \
+         `creditd default-config` documents them):\n  \
+         CREDITD_CONFIG            the config file (as --config)\n  \
+         DATABASE_URL              postgres.url\n  \
+         REDIS_URL                 redis.url\n",
+    );
+    for (name, key) in creditd::config::env_variables() {
+        text.push_str(&format!("  {name:<40} {key}\n"));
+    }
+    text.push_str("A CREDITD_<SECTION>_… variable that names no key is an error.");
+    text
+}
+
 #[derive(Subcommand)]
 enum KeysAction {
     /// Create a key and print it (shown once).
     Create {
-        /// runtime, admin or operator.
-        #[arg(long)]
-        role: String,
+        /// What the key may call.
+        #[arg(long, value_enum)]
+        role: RoleArg,
         /// The tenant (runtime and admin keys).
         #[arg(long)]
         tenant: Option<String>,
@@ -97,7 +133,11 @@ enum KeysAction {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().after_long_help(env_help()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let mut overrides = Vec::new();
     if let Command::Serve { listen, migrate, .. } = &cli.command {
         if let Some(listen) = listen {
@@ -236,7 +276,7 @@ async fn keys(action: KeysAction, config: &Config) -> Result<(), Box<dyn std::er
     let store = KeyStore::new(pg.clone(), config.auth.key_recheck);
     match action {
         KeysAction::Create { role, tenant, name } => {
-            let role = Role::parse(&role).ok_or("--role must be runtime, admin or operator")?;
+            let role = Role::from(role);
             if (role == Role::Operator) != tenant.is_none() {
                 return Err("operator keys take no --tenant; runtime and admin keys need one".into());
             }
