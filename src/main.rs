@@ -344,7 +344,11 @@ async fn shutdown_signal() {
 fn init_tracing(config: &Config) -> Result<Telemetry, Box<dyn std::error::Error>> {
     use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal (and never with NO_COLOR):
+    // a file, a pipe or a log collector gets plain text.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let fmt = if config.log.format == "json" { fmt.json().boxed() } else { fmt.boxed() };
     let registry = tracing_subscriber::registry().with(filter).with(fmt);
     #[cfg(feature = "otlp")]
