@@ -290,7 +290,7 @@ impl App {
         }
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
         let server = builder
-            .layer(ObserveLayer)
+            .layer(ObserveLayer { access: config.log.access_level() })
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

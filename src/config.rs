@@ -195,6 +195,18 @@ pub struct LogConfig {
     /// OTLP/gRPC collector for the tracing spans ("http://collector:4317");
     /// empty: none. Needs a build with the `otlp` feature.
     pub otlp_endpoint: String,
+    /// Level of the per-call access log line, or "off".
+    pub access: String,
+}
+
+impl LogConfig {
+    /// The access log's level; `None`: off (validated at load).
+    pub fn access_level(&self) -> Option<tracing::Level> {
+        match self.access.as_str() {
+            "off" => None,
+            level => level.parse().ok(),
+        }
+    }
 }
 
 /// Why the configuration was refused.
@@ -405,6 +417,9 @@ impl Config {
         }
         if self.pricing.max_quantity <= 0 {
             return invalid("pricing.max_quantity", "must be positive");
+        }
+        if !matches!(self.log.access.as_str(), "off" | "error" | "warn" | "info" | "debug" | "trace") {
+            return invalid("log.access", "must be \"off\", \"error\", \"warn\", \"info\", \"debug\" or \"trace\"");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");

@@ -49,20 +49,49 @@ pub fn record(field: &'static str, value: impl std::fmt::Display) {
     tracing::Span::current().record(field, tracing::field::display(value));
 }
 
+/// `access`: the level of the per-call access log line (`None`: off).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ObserveLayer;
+pub struct ObserveLayer {
+    pub access: Option<tracing::Level>,
+}
 
 impl<S> tower::Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
-        Observe { inner }
+        Observe { inner, access: self.access }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Observe<S> {
     inner: S,
+    access: Option<tracing::Level>,
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn trace_id(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32)).then(|| id.to_string())
+}
+
+/// One access log line (inside the call's span, so it carries the tenant).
+fn access_line(level: tracing::Level, method: &str, code: &str, elapsed: std::time::Duration, trace: &str) {
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    macro_rules! line {
+        ($lvl:expr) => {
+            tracing::event!(target: "creditd::access", $lvl, method, code, duration_ms = ms, trace_id = trace, "call")
+        };
+    }
+    match level {
+        tracing::Level::ERROR => line!(tracing::Level::ERROR),
+        tracing::Level::WARN => line!(tracing::Level::WARN),
+        tracing::Level::INFO => line!(tracing::Level::INFO),
+        tracing::Level::DEBUG => line!(tracing::Level::DEBUG),
+        tracing::Level::TRACE => line!(tracing::Level::TRACE),
+    }
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Observe<S>
@@ -82,6 +111,8 @@ where
         let path = request.uri().path().trim_start_matches('/');
         let method: &'static str = KNOWN.get(path).copied().unwrap_or("other");
         let span = tracing::info_span!("rpc", method = %method, tenant = Empty, account = Empty, reservation = Empty);
+        let access = self.access;
+        let trace = if access.is_some() { trace_id(request.headers()).unwrap_or_default() } else { String::new() };
         let start = Instant::now();
         let future = {
             let _entered = span.enter();
@@ -104,7 +135,11 @@ where
                         .map_or("OK", |c| code_name(tonic::Code::from_i32(c))),
                     Err(_) => "UNKNOWN",
                 };
-                metrics().rpc(method, code, start.elapsed());
+                let elapsed = start.elapsed();
+                metrics().rpc(method, code, elapsed);
+                if let Some(level) = access {
+                    access_line(level, method, code, elapsed, &trace);
+                }
                 result
             }
             .instrument(span),
@@ -163,6 +198,67 @@ fn rewrite_transport_errors(headers: &mut http::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_access_line_names_method_tenant_code_duration_and_trace() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("rpc", method = "m", tenant = Empty, account = Empty, reservation = Empty);
+            let _e = span.enter();
+            record("tenant", "acme");
+            let t = "4bf92f3577b34da6a3ce929d0e0e4736";
+            access_line(
+                tracing::Level::INFO,
+                "creditd.v1.CreditService/Reserve",
+                "OK",
+                std::time::Duration::from_millis(3),
+                t,
+            );
+            // Below the subscriber's level: not written.
+            access_line(tracing::Level::DEBUG, "creditd.v1.CreditService/Commit", "OK", Default::default(), "");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        for part in [
+            "creditd::access",
+            "tenant=acme",
+            "method=\"creditd.v1.CreditService/Reserve\"",
+            "code=\"OK\"",
+            "duration_ms=3",
+            "trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"",
+        ] {
+            assert!(text.contains(part), "{part} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn the_trace_id_comes_from_traceparent() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(trace_id(&h), None);
+        h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+        assert_eq!(trace_id(&h).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        h.insert("traceparent", "00-xyz-00f067aa0ba902b7-01".parse().unwrap());
+        assert_eq!(trace_id(&h), None);
+    }
 
     #[test]
     fn every_creditd_method_is_known() {
