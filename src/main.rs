@@ -69,6 +69,23 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Smoke-test a running creditd (what `helm test` runs): Health must
+    /// be SERVING; with an API key (CREDITD_API_KEY) and --account, a
+    /// Reserve of --amount must be granted and is then released. Exit 0
+    /// when all passed. Plaintext only.
+    Smoke {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// An account of the key's tenant; empty: Health only.
+        #[arg(long, default_value = "")]
+        account: String,
+        /// Credits to reserve (and release at once).
+        #[arg(long, default_value = "0.000001")]
+        amount: String,
+        /// A runtime (or admin) API key.
+        #[arg(long, env = "CREDITD_API_KEY", hide_env_values = true, default_value = "")]
+        api_key: String,
+    },
     /// Print the effective configuration's defaults file and exit.
     DefaultConfig,
 }
@@ -153,6 +170,15 @@ async fn main() -> ExitCode {
     }
     if let Command::Health { addr, service, timeout_ms } = &cli.command {
         return health(addr, service, std::time::Duration::from_millis(*timeout_ms)).await;
+    }
+    if let Command::Smoke { addr, account, amount, api_key } = &cli.command {
+        return match smoke(addr, account, amount, api_key).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("creditd smoke: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let sources = Sources { file: cli.config.clone(), env: std::env::vars().collect(), overrides };
     let config = match Config::load(&sources) {
@@ -241,7 +267,7 @@ async fn run(command: Command, config: Config) -> Result<(), Box<dyn std::error:
             app.serve(shutdown_signal()).await?;
             Ok(())
         }
-        Command::DefaultConfig | Command::Health { .. } => Ok(()),
+        Command::DefaultConfig | Command::Health { .. } | Command::Smoke { .. } => Ok(()),
     }
 }
 
@@ -269,6 +295,57 @@ async fn health(addr: &str, service: &str, timeout: std::time::Duration) -> Exit
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `smoke` command: Health, then Reserve and Release when a key and
+/// an account are given.
+async fn smoke(addr: &str, account: &str, amount: &str, api_key: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use creditd::pb::{self, credit_service_client::CreditServiceClient};
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await?;
+    let status = HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await?;
+    if status.get_ref().status != ServingStatus::Serving as i32 {
+        return Err(format!("{addr}: health is not SERVING").into());
+    }
+    println!("health: SERVING");
+    if account.is_empty() || api_key.is_empty() {
+        println!("no --account or CREDITD_API_KEY: Reserve/Release skipped");
+        return Ok(());
+    }
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {api_key}").parse()?;
+    let mut credit = CreditServiceClient::new(channel);
+    let with_key = |message| {
+        let mut request = tonic::Request::new(message);
+        request.metadata_mut().insert("authorization", bearer.clone());
+        request
+    };
+    let key = format!("smoke-{}", uuid::Uuid::new_v4());
+    let reserved = credit
+        .reserve(with_key(pb::ReserveRequest {
+            account_id: account.to_string(),
+            cost: Some(pb::reserve_request::Cost::Amount(amount.to_string())),
+            ttl: Some(prost_types::Duration { seconds: 10, nanos: 0 }),
+            idempotency_key: key.clone(),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    if !reserved.granted {
+        return Err(format!("Reserve of {amount} on {account} was denied: {:?}", reserved.denial).into());
+    }
+    println!("reserve: granted {} (hold {})", reserved.amount, reserved.reservation_id);
+    let mut release = tonic::Request::new(pb::ReleaseRequest {
+        reservation_id: reserved.reservation_id.clone(),
+        idempotency_key: format!("{key}-release"),
+    });
+    release.metadata_mut().insert("authorization", bearer.clone());
+    credit.release(release).await?;
+    println!("release: done");
+    Ok(())
 }
 
 async fn keys(action: KeysAction, config: &Config) -> Result<(), Box<dyn std::error::Error>> {

@@ -169,3 +169,41 @@ async fn decisions_and_errors_are_counted_by_reason() {
     })
     .await;
 }
+
+/// `creditd health` and `creditd smoke` (what the chart's probes and
+/// `helm test` run) against a running server: exit 0 when it serves and a
+/// Reserve/Release works, non-zero otherwise.
+// Multi-threaded: the commands run as blocking child processes while this
+// runtime serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_and_smoke_commands_answer() {
+    let app = TestApp::spawn().await;
+    app.account("a", None, false, None).await;
+    app.grant("a", "1", GrantCategory::Plan).await;
+    let key = app.create_key(TENANT, pb::ApiKeyRole::Runtime).await;
+    let addr = app.addr.to_string();
+    let run = |args: Vec<&str>, key: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_creditd"))
+            .args(args)
+            .env("CREDITD_API_KEY", key)
+            .output()
+            .expect("run creditd");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, out) = run(vec!["health", "--addr", &addr, "--service", "creditd.liveness"], "");
+    assert!(ok, "{out}");
+    assert!(run(vec!["health", "--addr", &addr], "").0);
+    let (ok, out) = run(vec!["smoke", "--addr", &addr, "--account", "a"], &key);
+    assert!(ok && out.contains("reserve: granted") && out.contains("release: done"), "{out}");
+    assert_eq!(app.available("a").await, "1", "the smoke hold was released");
+    // A denial, an unknown account or a wrong key fail the smoke test.
+    let (ok, out) = run(vec!["smoke", "--addr", &addr, "--account", "a", "--amount", "2"], &key);
+    assert!(!ok && out.contains("denied"), "{out}");
+    assert!(!run(vec!["smoke", "--addr", &addr, "--account", "nobody"], &key).0);
+    let wrong = format!("cdk_{}_{}", "0a".repeat(6), "1b".repeat(32));
+    assert!(!run(vec!["smoke", "--addr", &addr, "--account", "a"], &wrong).0);
+    // Nothing listening: both fail.
+    let closed = format!("127.0.0.1:{}", crate::fault_tools::free_port());
+    assert!(!run(vec!["health", "--addr", &closed, "--timeout-ms", "500"], "").0);
+    assert!(!run(vec!["smoke", "--addr", &closed], "").0);
+}
