@@ -10,7 +10,7 @@ use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
-    auth::KeyStore,
+    auth::{KeyStore, LookupLimits},
     config::{Config, redact_url},
     domain::pricing::BookContent,
     grpc::reports::ReportApi,
@@ -25,6 +25,7 @@ use crate::{
         Committer, Engine, Limits, Tenants,
         jobs::{self, JobTimings, Serving},
         pricing::Pricing,
+        watch::{AlertWatch, WatchLimits},
     },
     store::{
         hot::{HotStore, HotTimings},
@@ -177,7 +178,16 @@ impl App {
         .await
         .map_err(|source| StartError::Redis { url: redact_url(&config.redis.url), source })?;
         let committer = Committer::start(pg.clone(), config.commit.max_batch, config.commit.writers);
-        let keys = KeyStore::new(pg.clone(), config.auth.key_recheck);
+        let keys = KeyStore::new(
+            pg.clone(),
+            config.auth.key_recheck,
+            LookupLimits {
+                unknown_ttl: config.auth.unknown_key_ttl,
+                unknown_capacity: config.auth.unknown_key_cache,
+                per_second: config.auth.lookups_per_second,
+                burst: config.auth.lookup_burst,
+            },
+        );
         let pricing = Pricing::new(pg.clone(), config.pricing.refresh);
         let engine = Engine {
             hot,
@@ -278,7 +288,17 @@ impl App {
         let max_quantity = rust_decimal::Decimal::from(config.pricing.max_quantity);
         let credit = CreditApi { engine: engine.clone(), max_quantity };
         let pricing = PricingApi { engine: engine.clone(), max_quantity };
-        let alerts = AlertApi { engine: engine.clone(), poll: Duration::from_millis(200) };
+        let alerts = AlertApi {
+            engine: engine.clone(),
+            watch: AlertWatch::new(
+                engine.pg.clone(),
+                WatchLimits {
+                    per_key: config.alerts.watch_streams_per_key,
+                    per_tenant: config.alerts.watch_streams_per_tenant,
+                    poll: config.alerts.watch_poll,
+                },
+            ),
+        };
         let admin = AdminApi { engine: engine.clone(), max_depth: config.hot.max_depth };
 
         let mut builder = Server::builder().tcp_nodelay(true);
@@ -286,7 +306,7 @@ impl App {
             builder = builder.tls_config(tls)?;
         }
         if let Some(listener) = metrics_listener {
-            tokio::spawn(crate::metrics::serve(listener, stop_jobs.subscribe()));
+            tokio::spawn(crate::metrics::serve(listener, config.metrics.tenant_labels, stop_jobs.subscribe()));
         }
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
         let server = builder

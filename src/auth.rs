@@ -10,11 +10,22 @@
 //! this replica. If PostgreSQL is unreachable, cached verdicts stand (Reserve
 //! must survive a PostgreSQL outage); a key never seen before is then
 //! UNAVAILABLE.
+//!
+//! Made-up keys cannot turn into PostgreSQL load: a prefix PostgreSQL does
+//! not know is remembered as unknown for `auth.unknown_key_ttl` (at most
+//! `auth.unknown_key_cache` of them, oldest forgotten first), and lookups of
+//! prefixes not cached pass a token bucket (`auth.lookups_per_second`,
+//! `auth.lookup_burst`); past it such a call is RESOURCE_EXHAUSTED
+//! (RATE_LIMITED) without a lookup. Keys already cached are never limited,
+//! so a flood of unknown keys cannot lock out the keys in use.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::Duration,
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
@@ -88,24 +99,117 @@ pub enum AuthError {
     Invalid,
     #[error("key store unavailable")]
     Unavailable(#[source] PgError),
+    /// Too many lookups of keys this replica has not seen.
+    #[error("too many calls with API keys this replica has not seen; retry later")]
+    RateLimited,
+}
+
+/// The limits on keys this replica has not seen (`[auth]`).
+#[derive(Clone, Copy, Debug)]
+pub struct LookupLimits {
+    pub unknown_ttl: Duration,
+    pub unknown_capacity: usize,
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for LookupLimits {
+    fn default() -> Self {
+        LookupLimits { unknown_ttl: Duration::from_secs(5), unknown_capacity: 10_000, per_second: 100, burst: 200 }
+    }
+}
+
+/// Prefixes PostgreSQL did not know, each until a deadline; bounded, the
+/// oldest forgotten first.
+struct Unknown {
+    until: HashMap<String, Instant>,
+    order: VecDeque<(String, Instant)>,
+}
+
+impl Unknown {
+    fn contains(&mut self, prefix: &str, now: Instant) -> bool {
+        match self.until.get(prefix) {
+            Some(deadline) if *deadline > now => true,
+            Some(_) => {
+                self.until.remove(prefix);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, prefix: &str, deadline: Instant, capacity: usize) {
+        while self.until.len() >= capacity {
+            let Some((oldest, at)) = self.order.pop_front() else { break };
+            // Only the entry this queue slot was pushed for.
+            if self.until.get(&oldest) == Some(&at) {
+                self.until.remove(&oldest);
+            }
+        }
+        // Bound the queue by what it can refer to (stale slots included).
+        while self.order.len() >= capacity * 2 {
+            let Some((oldest, at)) = self.order.pop_front() else { break };
+            if self.until.get(&oldest) == Some(&at) {
+                self.until.remove(&oldest);
+            }
+        }
+        self.until.insert(prefix.to_string(), deadline);
+        self.order.push_back((prefix.to_string(), deadline));
+    }
+}
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, limits: &LookupLimits, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * f64::from(limits.per_second);
+        self.tokens = (self.tokens + refill).min(f64::from(limits.burst));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Verifies keys against PostgreSQL, through a per-replica cache: prefix →
-/// the live record, or `None` for unknown and revoked prefixes.
+/// the live record, or `None` for a revoked key (prefixes of keys that
+/// exist, so bounded by the keys there are), beside a bounded, expiring
+/// memory of prefixes that do not exist.
 #[derive(Clone)]
 pub struct KeyStore {
     pg: PgStore,
     recheck: Duration,
+    limits: LookupLimits,
     cache: Arc<RwLock<HashMap<String, Option<KeyRecord>>>>,
+    unknown: Arc<Mutex<Unknown>>,
+    bucket: Arc<Mutex<Bucket>>,
+    lookups: Arc<AtomicU64>,
 }
 
-/// The most cache entries kept; past it the cache starts over (unknown
-/// prefixes must not grow it without bound).
-const CACHE_LIMIT: usize = 100_000;
-
 impl KeyStore {
-    pub fn new(pg: PgStore, recheck: Duration) -> Self {
-        KeyStore { pg, recheck, cache: Arc::new(RwLock::new(HashMap::new())) }
+    pub fn new(pg: PgStore, recheck: Duration, limits: LookupLimits) -> Self {
+        KeyStore {
+            pg,
+            recheck,
+            limits,
+            cache: Arc::new(RwLock::new(HashMap::new())),
+            unknown: Arc::new(Mutex::new(Unknown { until: HashMap::new(), order: VecDeque::new() })),
+            bucket: Arc::new(Mutex::new(Bucket { tokens: f64::from(limits.burst), at: Instant::now() })),
+            lookups: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// PostgreSQL lookups of single keys this store has made (the
+    /// periodic re-read of cached keys not counted).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
     }
 
     /// Authenticates the value of an `authorization` header.
@@ -120,18 +224,38 @@ impl KeyStore {
         Ok(Caller { key_id: record.key_id, prefix: record.prefix, tenant: record.tenant, role: record.role })
     }
 
-    /// The live record of a prefix: cached, or read once from PostgreSQL.
+    /// The live record of a prefix: cached, or read once from PostgreSQL
+    /// (within the lookup limits).
     async fn record(&self, prefix: &str) -> Result<Option<KeyRecord>, AuthError> {
+        use crate::metrics::{KeyLookup, metrics};
         if let Some(record) = self.cache.read().expect("key cache lock").get(prefix) {
             return Ok(record.clone());
         }
-        let record = self.pg.api_key_by_prefix(prefix).await.map_err(AuthError::Unavailable)?;
-        let live = record.filter(|r| r.revoked_at.is_none());
-        let mut cache = self.cache.write().expect("key cache lock");
-        if cache.len() >= CACHE_LIMIT {
-            cache.clear();
+        let now = Instant::now();
+        if self.unknown.lock().expect("unknown keys lock").contains(prefix, now) {
+            return Ok(None);
         }
-        cache.insert(prefix.to_string(), live.clone());
+        if !self.bucket.lock().expect("lookup bucket lock").take(&self.limits, now) {
+            metrics().key_lookup(KeyLookup::rate_limited);
+            return Err(AuthError::RateLimited);
+        }
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let record = match self.pg.api_key_by_prefix(prefix).await {
+            Ok(record) => record,
+            Err(e) => {
+                metrics().key_lookup(KeyLookup::error);
+                return Err(AuthError::Unavailable(e));
+            }
+        };
+        let Some(record) = record else {
+            metrics().key_lookup(KeyLookup::unknown);
+            let deadline = Instant::now() + self.limits.unknown_ttl;
+            self.unknown.lock().expect("unknown keys lock").insert(prefix, deadline, self.limits.unknown_capacity);
+            return Ok(None);
+        };
+        metrics().key_lookup(KeyLookup::found);
+        let live = (record.revoked_at.is_none()).then_some(record);
+        self.cache.write().expect("key cache lock").insert(prefix.to_string(), live.clone());
         Ok(live)
     }
 

@@ -22,6 +22,7 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub reconcile: ReconcileConfig,
     pub metrics: MetricsConfig,
+    pub alerts: AlertsConfig,
     pub webhooks: WebhooksConfig,
     pub log: LogConfig,
 }
@@ -70,6 +71,16 @@ pub struct AuthConfig {
     /// Upper bound on how long a revoked key keeps working on a replica.
     #[serde(deserialize_with = "duration")]
     pub key_recheck: Duration,
+    /// How long a replica remembers that a key prefix does not exist.
+    #[serde(deserialize_with = "duration")]
+    pub unknown_key_ttl: Duration,
+    /// The most unknown prefixes remembered (oldest forgotten first).
+    pub unknown_key_cache: usize,
+    /// PostgreSQL lookups of keys this replica has not seen, per second,
+    /// sustained; past it such calls are RESOURCE_EXHAUSTED (RATE_LIMITED).
+    pub lookups_per_second: u32,
+    /// Lookups allowed at once above the sustained rate.
+    pub lookup_burst: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -176,6 +187,22 @@ pub struct ReconcileConfig {
 pub struct MetricsConfig {
     /// Address of the Prometheus endpoint (`GET /metrics`); empty: none.
     pub listen: String,
+    /// Label per-tenant gauges with tenant ids (off: totals only, so a
+    /// scrape reveals no tenant).
+    pub tenant_labels: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// WatchAlerts streams one API key may hold open on a replica.
+    pub watch_streams_per_key: usize,
+    /// WatchAlerts streams one tenant may hold open on a replica.
+    pub watch_streams_per_tenant: usize,
+    /// How often a replica reads a watched tenant's new alerts (once per
+    /// tenant, whatever the number of streams).
+    #[serde(deserialize_with = "duration")]
+    pub watch_poll: Duration,
 }
 
 impl MetricsConfig {
@@ -414,6 +441,26 @@ impl Config {
         }
         if !self.tls.client_ca_file.is_empty() && !self.tls.enabled() {
             return invalid("tls.client_ca_file", "needs tls.cert_file and tls.key_file");
+        }
+        if self.auth.unknown_key_cache == 0 {
+            return invalid("auth.unknown_key_cache", "must be positive");
+        }
+        if self.auth.lookups_per_second == 0 {
+            return invalid("auth.lookups_per_second", "must be positive");
+        }
+        if self.auth.lookup_burst == 0 {
+            return invalid("auth.lookup_burst", "must be positive");
+        }
+        if self.alerts.watch_streams_per_key == 0
+            || self.alerts.watch_streams_per_key > self.alerts.watch_streams_per_tenant
+        {
+            return invalid(
+                "alerts.watch_streams_per_key",
+                "must be positive and at most alerts.watch_streams_per_tenant",
+            );
+        }
+        if self.alerts.watch_poll < Duration::from_millis(10) {
+            return invalid("alerts.watch_poll", "must be at least 10ms");
         }
         if self.pricing.max_quantity <= 0 {
             return invalid("pricing.max_quantity", "must be positive");

@@ -203,6 +203,7 @@ impl From<AuthError> for Error {
             AuthError::Missing => Error::Unauthenticated(Reason::MissingCredentials, e.to_string()),
             AuthError::Invalid => Error::Unauthenticated(Reason::InvalidCredentials, e.to_string()),
             AuthError::Unavailable(source) => source.into(),
+            AuthError::RateLimited => Error::ResourceExhausted(Reason::RateLimited, e.to_string()),
         }
     }
 }

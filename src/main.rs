@@ -350,7 +350,7 @@ async fn smoke(addr: &str, account: &str, amount: &str, api_key: &str) -> Result
 
 async fn keys(action: KeysAction, config: &Config) -> Result<(), Box<dyn std::error::Error>> {
     let pg = PgStore::connect(&config.postgres.url, 2, config.postgres.statement_timeout).await?;
-    let store = KeyStore::new(pg.clone(), config.auth.key_recheck);
+    let store = KeyStore::new(pg.clone(), config.auth.key_recheck, Default::default());
     match action {
         KeysAction::Create { role, tenant, name } => {
             let role = Role::from(role);

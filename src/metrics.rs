@@ -7,8 +7,9 @@
 //! computed at scrape time, so a scrape costs no Redis or PostgreSQL call.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
-    sync::{LazyLock, atomic::AtomicU64},
+    sync::{LazyLock, Mutex, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -103,6 +104,22 @@ pub struct HoldEndLabels {
     pub end: HoldEnd,
 }
 
+/// What a PostgreSQL lookup of an API key not cached found.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum KeyLookup {
+    found,
+    unknown,
+    /// Refused without a lookup (`auth.lookups_per_second`).
+    rate_limited,
+    error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLookupLabels {
+    pub result: KeyLookup,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -110,12 +127,48 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+/// A quantity measured per tenant: exported as its total over the
+/// tenants this replica measured, and, only where `metrics.tenant_labels`
+/// is on, as one series per tenant (tenant ids are customer names an
+/// unauthenticated scrape should not reveal by default).
+pub struct TenantGauge {
+    total: Gauge<f64, AtomicU64>,
+    by_tenant: Family<TenantLabels, Gauge<f64, AtomicU64>>,
+    values: Mutex<HashMap<String, f64>>,
+}
+
+impl TenantGauge {
+    fn new() -> Self {
+        TenantGauge { total: Gauge::default(), by_tenant: Family::default(), values: Mutex::new(HashMap::new()) }
+    }
+
+    /// Records the tenant's latest value (and so the new total).
+    pub fn set(&self, tenant: &str, value: f64) {
+        let mut values = self.values.lock().expect("tenant gauge lock");
+        match values.get_mut(tenant) {
+            Some(slot) => *slot = value,
+            None => {
+                values.insert(tenant.to_string(), value);
+            }
+        }
+        self.total.set(values.values().sum());
+        self.by_tenant.get_or_create(&TenantLabels { tenant: tenant.to_string() }).set(value);
+    }
+
+    /// The tenant's latest value, if it was measured.
+    pub fn get(&self, tenant: &str) -> Option<f64> {
+        self.values.lock().expect("tenant gauge lock").get(tenant).copied()
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// The per-tenant series, encoded only with `metrics.tenant_labels`.
+    tenant_registry: Registry,
     pub rpc_duration: HistogramFamily<RpcLabels>,
     pub rpc_total: Family<RpcCodeLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
-    pub holds_active: Family<TenantLabels, Gauge>,
+    pub holds_active: TenantGauge,
     pub holds_ended: Family<HoldEndLabels, Counter>,
     pub commit_batch: Histogram,
     pub commit_write: Histogram,
@@ -123,17 +176,20 @@ pub struct Metrics {
     pub rebuilds: Counter,
     pub fence_behind: Counter,
     pub tenants_loading: Gauge,
-    pub drift_accounts: Family<TenantLabels, Gauge>,
-    pub drift_credits: Family<TenantLabels, Gauge<f64, AtomicU64>>,
+    pub drift_accounts: TenantGauge,
+    pub drift_credits: TenantGauge,
     pub drift_found: Counter,
     pub drift_repaired: Counter,
     pub reconcile_runs: Counter,
     pub reconcile_skipped_busy: Counter,
+    pub key_lookups: Family<KeyLookupLabels, Counter>,
+    pub watch_streams: Gauge,
 }
 
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("creditd");
+        let mut tenant_registry = Registry::with_prefix("creditd_tenant");
         let rpc_duration: HistogramFamily<RpcLabels> = Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "rpc_duration",
@@ -149,11 +205,16 @@ impl Metrics {
             "Reserve and Authorize decisions: granted, or the denial reason (replays count again)",
             decisions.clone(),
         );
-        let holds_active = Family::<TenantLabels, Gauge>::default();
+        let holds_active = TenantGauge::new();
         registry.register(
             "holds_active",
+            "Active holds of all tenants, as of the last reaper pass of this replica",
+            holds_active.total.clone(),
+        );
+        tenant_registry.register(
+            "holds_active",
             "Active holds per tenant, as of the last reaper pass of this replica",
-            holds_active.clone(),
+            holds_active.by_tenant.clone(),
         );
         let holds_ended = Family::<HoldEndLabels, Counter>::default();
         registry.register(
@@ -190,17 +251,27 @@ impl Metrics {
             "Tenants whose hot state this replica is rebuilding or has queued for a rebuild",
             tenants_loading.clone(),
         );
-        let drift_accounts = Family::<TenantLabels, Gauge>::default();
+        let drift_accounts = TenantGauge::new();
         registry.register(
             "drift_accounts",
-            "Accounts whose Redis balance differed from the ledger at the last reconciliation",
-            drift_accounts.clone(),
+            "Accounts (all tenants) whose Redis balance differed from the ledger at their tenant's last reconciliation",
+            drift_accounts.total.clone(),
         );
-        let drift_credits = Family::<TenantLabels, Gauge<f64, AtomicU64>>::default();
+        tenant_registry.register(
+            "drift_accounts",
+            "Accounts whose Redis balance differed from the ledger at the last reconciliation, per tenant",
+            drift_accounts.by_tenant.clone(),
+        );
+        let drift_credits = TenantGauge::new();
         registry.register(
             "drift_credits",
-            "Sum of |Redis balance - ledger balance| over drifting accounts at the last reconciliation, in credits",
-            drift_credits.clone(),
+            "Sum of |Redis balance - ledger balance| over drifting accounts of all tenants, in credits",
+            drift_credits.total.clone(),
+        );
+        tenant_registry.register(
+            "drift_credits",
+            "Sum of |Redis balance - ledger balance| over drifting accounts at the last reconciliation, per tenant, in credits",
+            drift_credits.by_tenant.clone(),
         );
         let drift_found = Counter::default();
         registry.register("drift_found", "Account drifts found by the reconciler", drift_found.clone());
@@ -218,8 +289,17 @@ impl Metrics {
             "Accounts the reconciler skipped because they changed while it compared them",
             reconcile_skipped_busy.clone(),
         );
+        let key_lookups = Family::<KeyLookupLabels, Counter>::default();
+        registry.register(
+            "auth_key_lookups",
+            "PostgreSQL lookups of API keys this replica had not cached, by result (rate_limited: refused without one)",
+            key_lookups.clone(),
+        );
+        let watch_streams = Gauge::default();
+        registry.register("watch_streams", "WatchAlerts streams open on this replica", watch_streams.clone());
         Metrics {
             registry,
+            tenant_registry,
             rpc_duration,
             rpc_total,
             decisions,
@@ -237,13 +317,21 @@ impl Metrics {
             drift_repaired,
             reconcile_runs,
             reconcile_skipped_busy,
+            key_lookups,
+            watch_streams,
         }
     }
 
-    /// The registry in the Prometheus/OpenMetrics text format.
-    pub fn encode(&self) -> String {
+    /// The registry in the OpenMetrics text format; with `tenant_labels`,
+    /// also the per-tenant series (`creditd_tenant_*{tenant}`).
+    pub fn encode(&self, tenant_labels: bool) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        encode_registry(&mut out, &self.registry).expect("writing to a String cannot fail");
+        if tenant_labels {
+            encode_registry(&mut out, &self.tenant_registry).expect("writing to a String cannot fail");
+        }
+        encode_eof(&mut out).expect("writing to a String cannot fail");
         out
     }
 
@@ -256,6 +344,10 @@ impl Metrics {
         if count > 0 {
             self.holds_ended.get_or_create(&HoldEndLabels { end }).inc_by(count);
         }
+    }
+
+    pub fn key_lookup(&self, result: KeyLookup) {
+        self.key_lookups.get_or_create(&KeyLookupLabels { result }).inc();
     }
 
     pub fn decision(&self, call: Call, decision: Decision) {
@@ -303,6 +395,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 /// `shutdown` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tenant_labels: bool,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     use http_body_util::Full;
@@ -327,7 +420,7 @@ pub async fn serve(
                 let response = if request.uri().path() == "/metrics" {
                     Response::builder()
                         .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                        .body(Full::new(Bytes::from(metrics().encode())))
+                        .body(Full::new(Bytes::from(metrics().encode(tenant_labels))))
                 } else {
                     Response::builder()
                         .status(StatusCode::NOT_FOUND)

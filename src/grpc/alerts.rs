@@ -1,25 +1,42 @@
 //! `creditd.v1.AlertService`.
 
-use std::{pin::Pin, time::Duration};
+use std::{collections::VecDeque, pin::Pin};
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{
-    caller::{Need, tenant},
+    caller::{Need, caller, tenant},
     convert::{self, Sign},
 };
 use crate::{
     error::{Error, Reason},
     pb::{self, alert_service_server::AlertService},
-    service::Engine,
+    service::{
+        Engine,
+        watch::{AlertWatch, Subscription},
+    },
     store::alerts::{AlertPolicy, AlertRow, Webhook},
 };
 
 pub struct AlertApi {
     pub engine: Engine,
-    /// How often a WatchAlerts stream looks for new alerts.
-    pub poll: Duration,
+    /// The WatchAlerts streams open on this replica and their limits.
+    pub watch: AlertWatch,
+}
+
+/// A stream holding its slot of the stream limits until it is dropped.
+struct Slotted<S> {
+    inner: Pin<Box<S>>,
+    _slot: Subscription,
+}
+
+impl<S: Stream> Stream for Slotted<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
 }
 
 fn alert(a: &AlertRow) -> pb::Alert {
@@ -62,37 +79,54 @@ impl AlertService for AlertApi {
         &self,
         request: Request<pb::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let caller = caller(&self.engine, &request, Need::Admin).await?;
         let tenant = tenant(&self.engine, &request, Need::Admin).await?;
-        let start = match cursor(&request.get_ref().cursor)? {
+        let start = cursor(&request.get_ref().cursor)?;
+        // The slot first: a refused stream costs no query.
+        let subscription = self.watch.subscribe(&tenant, caller.key_id)?;
+        let start = match start {
             Some(c) => c,
             None => self.engine.pg.last_alert(&tenant).await.map_err(Error::from)?,
         };
         let engine = self.engine.clone();
-        let poll = self.poll;
-        let stream = futures::stream::unfold(
-            (start, std::collections::VecDeque::<AlertRow>::new()),
-            move |(mut after, mut buffer)| {
-                let engine = engine.clone();
-                let tenant = tenant.clone();
-                async move {
-                    loop {
-                        if let Some(next) = buffer.pop_front() {
-                            after = next.seq;
-                            return Some((Ok(alert(&next)), (after, buffer)));
-                        }
+        let poll = self.watch.poll();
+        let state = (start, VecDeque::<AlertRow>::new(), subscription.newest.clone());
+        let stream = futures::stream::unfold(state, move |(mut after, mut buffer, mut newest)| {
+            let engine = engine.clone();
+            let tenant = tenant.clone();
+            async move {
+                loop {
+                    if let Some(next) = buffer.pop_front() {
+                        after = next.seq;
+                        return Some((Ok(alert(&next)), (after, buffer, newest)));
+                    }
+                    if *newest.borrow_and_update() > after {
                         match engine.pg.alerts_after(&tenant, after, 100).await {
-                            Ok(rows) if !rows.is_empty() => buffer.extend(rows),
-                            Ok(_) => tokio::time::sleep(poll).await,
+                            Ok(rows) if !rows.is_empty() => {
+                                buffer.extend(rows);
+                                continue;
+                            }
+                            // A sequence gap (a rolled-back write): wait for
+                            // the next alert.
+                            Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(error = %e, "alert stream: cannot read the outbox; retrying");
                                 tokio::time::sleep(poll * 4).await;
+                                continue;
                             }
                         }
                     }
+                    if newest.changed().await.is_err() {
+                        // The poller is gone (it never is while a stream
+                        // lives); fall back to the interval.
+                        tokio::time::sleep(poll).await;
+                    }
                 }
-            },
-        );
-        Ok(Response::new(Box::pin(stream)))
+            }
+        });
+        // The slot is held as long as the stream, and freed when the
+        // client goes away and tonic drops it.
+        Ok(Response::new(Box::pin(Slotted { inner: Box::pin(stream), _slot: subscription })))
     }
 
     async fn list_alerts(

@@ -25,7 +25,7 @@ use super::{Engine, admin::hot_settings};
 use crate::{
     domain::Credits,
     error::{Error, Result},
-    metrics::{HoldEnd, TenantLabels, metrics},
+    metrics::{HoldEnd, metrics},
     store::{
         hot::{AccountCounters, Verdict},
         pg::{Forfeit, Forfeited},
@@ -177,7 +177,7 @@ impl Engine {
             metrics().hold_ended(HoldEnd::expired, pass.expired);
         }
         let active = self.hot.active_holds(tenant).await?;
-        metrics().holds_active.get_or_create(&TenantLabels { tenant: tenant.to_string() }).set(active as i64);
+        metrics().holds_active.set(tenant, active as f64);
         if pass.overdue_commits.is_empty() {
             return Ok(());
         }

@@ -10,6 +10,7 @@ pub mod policy;
 pub mod pricing;
 pub mod reconcile;
 pub mod reports;
+pub mod watch;
 pub mod webhooks;
 
 use std::{

@@ -30,7 +30,7 @@ use super::Engine;
 use crate::{
     domain::Credits,
     error::Result,
-    metrics::{TenantLabels, metrics},
+    metrics::metrics,
     store::hot::{HotCounters, HotCut, HotError},
 };
 
@@ -190,11 +190,10 @@ impl Engine {
     pub async fn reconcile_tenant(&self, tenant: &str, repair: bool) -> Result<Reconciled> {
         let first = self.measure_drift(tenant).await?;
         let m = metrics();
-        let labels = TenantLabels { tenant: tenant.to_string() };
         m.reconcile_skipped_busy.inc_by(first.busy.len() as u64);
-        m.drift_accounts.get_or_create(&labels).set(first.drifts.len() as i64);
+        m.drift_accounts.set(tenant, first.drifts.len() as f64);
         let total: i64 = first.drifts.iter().map(|d| d.amount().micros().abs()).sum();
-        m.drift_credits.get_or_create(&labels).set(total as f64 / 1_000_000.0);
+        m.drift_credits.set(tenant, total as f64 / 1_000_000.0);
         m.reconcile_runs.inc();
         if first.drifts.is_empty() {
             return Ok(Reconciled { measured: first, repaired: Vec::new() });
@@ -233,9 +232,9 @@ impl Engine {
         }
         // The gauges say what is left after this pass's repairs.
         let left: Vec<&Drift> = first.drifts.iter().filter(|d| !repaired.contains(d)).collect();
-        m.drift_accounts.get_or_create(&labels).set(left.len() as i64);
+        m.drift_accounts.set(tenant, left.len() as f64);
         let total: i64 = left.iter().map(|d| d.amount().micros().abs()).sum();
-        m.drift_credits.get_or_create(&labels).set(total as f64 / 1_000_000.0);
+        m.drift_credits.set(tenant, total as f64 / 1_000_000.0);
         Ok(Reconciled { measured: first, repaired })
     }
 

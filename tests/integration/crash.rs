@@ -141,7 +141,7 @@ async fn a_killed_replica_loses_and_doubles_nothing() {
 
     // Set up through the API with keys made straight in PostgreSQL.
     let pg = PgStore::connect(&backends.database_url, 2, Duration::from_secs(5)).await.unwrap();
-    let keys = KeyStore::new(pg.clone(), Duration::from_millis(500));
+    let keys = KeyStore::new(pg.clone(), Duration::from_millis(500), Default::default());
     let operator = keys.create(None, Role::Operator, "crash-test", None).await.unwrap().1.unwrap();
     let mut admin = AdminServiceClient::new(channel(ports[0]).await.unwrap());
     admin

@@ -4,6 +4,7 @@
 mod fault_tools;
 mod harness;
 
+mod abuse;
 mod admin;
 mod alerts;
 mod bad_input;

@@ -160,14 +160,43 @@ async fn decisions_and_errors_are_counted_by_reason() {
             .is_some_and(|v| v >= 1.0),
         "{body}"
     );
-    // The reaper (every 50 ms here) sets the tenant's active-hold gauge; a
-    // family shows in the exposition once it has a sample.
-    let tenant_gauge = format!("creditd_holds_active{{tenant=\"{TENANT}\"}} ");
+    // The reaper (every 50 ms here) sets the active-hold gauge: its
+    // total only, since `metrics.tenant_labels` is off by default, so the
+    // scrape names no tenant.
     eventually(Duration::from_secs(5), || async {
-        let body = http_get(addr, "/metrics").await.1;
-        body.contains("# TYPE creditd_holds_active gauge") && body.contains(&tenant_gauge)
+        sample(&http_get(addr, "/metrics").await.1, "creditd_holds_active", "").is_some()
     })
     .await;
+    let body = http_get(addr, "/metrics").await.1;
+    assert!(!body.contains("tenant="), "a default scrape names no tenant:\n{body}");
+    assert!(!body.contains(TENANT), "{body}");
+}
+
+/// With `metrics.tenant_labels`, per-tenant series appear beside the
+/// totals; the setting is per listener, so other apps in this process keep
+/// their scrapes free of tenant ids.
+#[tokio::test]
+async fn tenant_labels_are_opt_in() {
+    let app = TestApp::spawn_on(
+        Backends::fresh().await,
+        &[("metrics.listen", "127.0.0.1:0"), ("metrics.tenant_labels", "true")],
+    )
+    .await;
+    app.create_tenant(TENANT).await;
+    app.account("carol", None, false, None).await;
+    app.grant("carol", "10", GrantCategory::Purchase).await;
+    let r = app.reserve("carol", "1", "held").await.unwrap();
+    assert!(r.granted);
+    let addr = app.metrics_addr.expect("metrics endpoint configured");
+    let series = format!("{{tenant=\"{TENANT}\"}}");
+    eventually(Duration::from_secs(5), || async {
+        let body = http_get(addr, "/metrics").await.1;
+        sample(&body, "creditd_tenant_holds_active", &series).is_some_and(|v| v >= 1.0)
+            && sample(&body, "creditd_holds_active", "").is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    let body = http_get(addr, "/metrics").await.1;
+    assert!(body.ends_with("# EOF\n") && body.matches("# EOF").count() == 1, "{body}");
 }
 
 /// `creditd health` and `creditd smoke` (what the chart's probes and

@@ -125,7 +125,7 @@ server.listen comes from CREDITD_SERVER__LISTEN.
 # DATABASE_URL and REDIS_URL come from a Secret; server.listen from
 # CREDITD_SERVER__LISTEN.
 {{- $config := .Values.config | default dict }}
-{{- range $section := list "server" "auth" "postgres" "redis" "hot" "commit" "jobs" "reconcile" "webhooks" "log" }}
+{{- range $section := list "server" "auth" "postgres" "redis" "hot" "pricing" "commit" "jobs" "reconcile" "alerts" "webhooks" "log" }}
 {{- $values := index $config $section | default dict }}
 {{- $cluster := and (eq $section "redis") $.Values.redis.cluster }}
 {{- if or $values $cluster }}
@@ -140,7 +140,7 @@ cluster = true
 {{- end }}
 {{- end }}
 {{- range $section := keys $config }}
-{{- if not (has $section (list "server" "auth" "postgres" "redis" "hot" "commit" "jobs" "reconcile" "webhooks" "log")) }}
+{{- if not (has $section (list "server" "auth" "postgres" "redis" "hot" "pricing" "commit" "jobs" "reconcile" "alerts" "webhooks" "log")) }}
 {{- fail (printf "config.%s: not a section creditd's chart renders (tls comes from tls.*)" $section) }}
 {{- end }}
 {{- end }}
@@ -148,6 +148,9 @@ cluster = true
 
 [metrics]
 listen = {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | toJson }}
+{{- if .Values.metrics.tenantLabels }}
+tenant_labels = true
+{{- end }}
 {{- end }}
 {{- if .Values.tls.enabled }}
 
